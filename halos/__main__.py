@@ -1,0 +1,5 @@
+import sys
+
+from halos.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""From tokenized examples to padded tensors, and the deterministic order they are trained in.
+
+The whole training schedule (which examples form which microbatch on which rank at which step)
+is a pure function of the data lengths, the batch sizes and the seed. That is what makes a killed
+run resume on exactly the batches it would have seen, at any world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from halos.data.types import TokenizedCompletion, TokenizedExample, TokenizedPair
+from halos.losses.base import BatchKind, Logps, PairedLogps, SFTLogps, UnpairedLogps
+
+BUCKET_WINDOW = 64  # microbatches sorted by length together; larger = less padding, less mixing
+
+
+def sequence_key(prompt_ids: list[int], response_ids: list[int]) -> int:
+    """A 64-bit identity of one scored sequence (prompt and response token ids)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.asarray(prompt_ids, dtype=np.int64).tobytes())
+    digest.update(b"|")
+    digest.update(np.asarray(response_ids, dtype=np.int64).tobytes())
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+def kl_partners(n: int, seed: int) -> list[int]:
+    """A derangement: partner[i] != i, shift-by-one over a seeded shuffled order.
+
+    KTO's reference point scores (prompt_i, completion_partner[i]). Fixing the partner per example
+    (rather than per microbatch) lets the reference log-probs of those mismatched pairs be
+    precomputed once, independent of batch size, world size and epoch.
+    """
+    if n < 2:
+        raise ValueError(f"mismatched KL pairs need at least 2 examples, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    partner = np.empty(n, dtype=np.int64)
+    partner[order] = np.roll(order, 1)
+    return partner.tolist()
+
+
+def scored_sequences(examples: list[TokenizedExample], kind: BatchKind,
+                     partners: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
+    """Every (prompt, response) sequence a view of the data scores, in a fixed order."""
+    if kind == "paired":
+        return ([(e.prompt_ids, e.chosen_ids) for e in examples]
+                + [(e.prompt_ids, e.rejected_ids) for e in examples])
+    seqs = [(e.prompt_ids, e.completion_ids) for e in examples]
+    if partners is not None:
+        seqs += [(e.prompt_ids, examples[j].completion_ids) for e, j in zip(examples, partners, strict=True)]
+    return seqs
+
+
+def example_length(example: TokenizedExample) -> int:
+    if isinstance(example, TokenizedPair):
+        return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+    return len(example.prompt_ids) + len(example.completion_ids)
+
+
+@dataclass
+class Batch:
+    """One microbatch: N padded sequences (N = 2B for pairs, chosen first) and what to pack."""
+
+    kind: BatchKind
+    size: int  # B examples
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T)
+    loss_mask: torch.Tensor  # (N, T) true on scored (response) tokens
+    keys: torch.Tensor  # (N,) sequence_key of each row, to look up reference log-probs
+    desirable: torch.Tensor | None = None  # (B,) for unpaired
+    kl: Batch | None = None  # mismatched pairs, scored without gradient
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, kind: BatchKind,
+            size: int, desirable: list[bool] | None = None) -> Batch:
+    """Right-pad `sequences` into tensors; the response part of each is the scored part."""
+    longest = max(len(p) + len(r) for p, r in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, longest), dtype=torch.long)
+    loss_mask = torch.zeros((n, longest), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        length = len(prompt) + len(response)
+        input_ids[row, :length] = torch.tensor(prompt + response)
+        attention_mask[row, :length] = 1
+        loss_mask[row, len(prompt) : length] = True
+    keys = torch.tensor([sequence_key(p, r) for p, r in sequences], dtype=torch.long)
+    flags = None if desirable is None else torch.tensor(desirable, dtype=torch.bool)
+    return Batch(kind, size, input_ids, attention_mask, loss_mask, keys, flags)
+
+
+def make_batch(examples: list[TokenizedExample], indices: list[int], kind: BatchKind, pad_id: int,
+               partners: list[int] | None = None) -> Batch:
+    chosen = [examples[i] for i in indices]
+    if kind == "paired":
+        return collate(scored_sequences(chosen, "paired"), pad_id, kind, len(chosen))
+    assert all(isinstance(e, TokenizedCompletion) for e in chosen)
+    batch = collate(scored_sequences(chosen, kind), pad_id, kind, len(chosen),
+                    desirable=[e.desirable for e in chosen])
+    if partners is not None:
+        kl_seqs = [(examples[i].prompt_ids, examples[partners[i]].completion_ids) for i in indices]
+        batch.kl = collate(kl_seqs, pad_id, kind, len(chosen))
+    return batch
+
+
+def pack_logps(batch: Batch, sums: torch.Tensor, tokens: torch.Tensor, average: bool,
+               kl_sums: torch.Tensor | None = None, kl_tokens: torch.Tensor | None = None) -> Logps:
+    """Turn per-row outputs of `batch` into the dataclass its loss expects."""
+    values = sums / tokens.clamp(min=1) if average else sums
+    if batch.kind == "paired":
+        b = batch.size
+        return PairedLogps(values[:b], values[b:], tokens[:b], tokens[b:])
+    if batch.kind == "sft":
+        return SFTLogps(values, tokens)
+    kl = None
+    if kl_sums is not None:
+        kl = kl_sums / kl_tokens.clamp(min=1) if average else kl_sums
+    return UnpairedLogps(values, tokens, batch.desirable, kl)
+
+
+def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, world_size: int,
+               epochs: int, seed: int, bucketing: bool) -> list[list[list[int]]]:
+    """steps[s][m] = example indices of microbatch m of optimizer step s.
+
+    Each step holds grad_accum × world_size microbatches; rank r runs m = r, r + world, ….
+    Incomplete microbatches and steps at the end of an epoch are dropped, so every rank does the
+    same number of forward passes (ZeRO needs that).
+    """
+    per_step = grad_accum * world_size
+    steps: list[list[list[int]]] = []
+    for epoch in range(epochs):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(lengths))
+        micro = _microbatches(order, lengths, micro_batch_size, bucketing)
+        if bucketing:
+            micro = [micro[i] for i in rng.permutation(len(micro))]
+        usable = len(micro) - len(micro) % per_step
+        steps += [micro[i : i + per_step] for i in range(0, usable, per_step)]
+    return steps
+
+
+def _microbatches(order: np.ndarray, lengths: list[int], size: int, bucketing: bool) -> list[list[int]]:
+    usable = len(order) - len(order) % size
+    order = order[:usable]
+    if bucketing:
+        window = size * BUCKET_WINDOW
+        order = np.concatenate([sorted(order[i : i + window], key=lambda j: lengths[j])
+                                for i in range(0, usable, window)] or [order])
+    return [order[i : i + size].tolist() for i in range(0, usable, size)]

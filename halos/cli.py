@@ -1,0 +1,194 @@
+"""`halos` command line. Options come from `halos.config.TrainConfig`; `--config FILE.yaml` sets any.
+
+    halos tiny-model --size tiny-3m --corpus data/synthetic --out models/tiny-3m
+    halos sft        --model models/tiny-3m --data data/synthetic --out results/m/d/sft
+    halos ref-logps  --model results/m/d/sft/model --data data/synthetic --out results/m/d/ref.pt
+    halos align      --loss dpo --beta 0.1 --model results/m/d/sft/model --data data/synthetic \\
+                     --ref-logps results/m/d/ref.pt --out results/m/d/dpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from halos.config import ConfigError, TrainConfig, load_yaml_config
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+# Options that make no sense for a command are not offered by it.
+_NOT_FOR = {
+    "sft": {"loss", "loss_params", "ref_logps", "reference_model"},
+    "align": {"loss_params"},
+    "ref-logps": {"loss", "loss_params", "ref_logps", "reference_model", "epochs", "max_steps",
+                  "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_betas",
+                  "warmup_steps", "lr_schedule", "max_grad_norm", "activation_checkpointing",
+                  "log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard",
+                  "wandb", "wandb_project", "run_name", "progress", "length_bucketing"},
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--config", help="YAML file setting any of these options (CLI wins)")
+    for name, field in _FIELDS.items():
+        if name in _NOT_FOR[command]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind, meta = _HINTS[name], field.metadata
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        help_text = meta["help"] + ("" if meta.get("required") else f" (default: {default!r})")
+        if command == "ref-logps" and name == "out":
+            help_text = "output file for the reference log-probs (e.g. ref_logps.pt)"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", type=float, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, choices=meta.get("choices"),
+                                default=argparse.SUPPRESS, help=help_text)
+
+
+def _add_loss_options(parser: argparse.ArgumentParser, loss_name: str) -> list[str]:
+    from halos.losses import get_loss_class
+
+    cls = get_loss_class(loss_name)
+    group = parser.add_argument_group(f"hyperparameters of loss {loss_name!r} ({cls.__name__})")
+    names = []
+    for name, param in cls.hyperparameters().items():
+        kind = _scalar_type(param)
+        group.add_argument("--" + name.replace("_", "-"), dest=f"loss__{name}", type=kind, metavar=name.upper(),
+                           default=argparse.SUPPRESS, help=f"default: {param.default!r}")
+        names.append(name)
+    return names
+
+
+def _scalar_type(param: inspect.Parameter) -> Callable[[str], Any]:
+    if isinstance(param.default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes")
+    if isinstance(param.default, int):
+        return int
+    if isinstance(param.default, float) or param.default is None:
+        return float
+    return str
+
+
+def _config_from(args: argparse.Namespace, fixed: dict[str, Any]) -> TrainConfig:
+    values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
+    cli = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    values.update(cli)
+    loss_params = dict(values.get("loss_params") or {})
+    loss_params.update({k[len("loss__"):]: v for k, v in vars(args).items()
+                        if k.startswith("loss__")})
+    values["loss_params"] = loss_params
+    values.update(fixed)
+    return TrainConfig(**values)
+
+
+def _train_parser(command: str, argv: Sequence[str]) -> argparse.ArgumentParser:
+    descriptions = {
+        "sft": "Supervised fine-tuning on the dataset's SFT targets (sft.jsonl, else chosen responses).",
+        "align": "Align a model with a loss from the registry (`halos losses` lists them).",
+        "ref-logps": "Score the data once with the reference model; alignment reads this file.",
+    }
+    parser = argparse.ArgumentParser(prog=f"halos {command}", description=descriptions[command])
+    if command == "align":
+        # The loss decides which hyperparameter flags exist, so read it (CLI or YAML) first.
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--loss")
+        pre.add_argument("--config")
+        known, _ = pre.parse_known_args(argv)
+        loss = known.loss or (load_yaml_config(known.config).get("loss") if known.config else None)
+        _add_loss_options(parser, loss or "dpo")
+    _add_config_options(parser, command)
+    return parser
+
+
+def _run_train(command: str, argv: Sequence[str]) -> int:
+    from halos.train import reference_logps, train
+
+    args = _train_parser(command, argv).parse_args(argv)
+    fixed = {"loss": "sft"} if command == "sft" else {}
+    cfg = _config_from(args, fixed)
+    if command == "ref-logps":
+        reference_logps(cfg)
+    else:
+        print(f"[halos] finished: {train(cfg)}", flush=True)
+    return 0
+
+
+def _run_tiny_model(argv: Sequence[str]) -> int:
+    from halos.data.prepare import read_rows
+    from halos.tiny import TINY_SIZES, save_tiny_model
+
+    parser = argparse.ArgumentParser(prog="halos tiny-model",
+                                     description="Create a built-in tiny Llama and its tokenizer.")
+    parser.add_argument("--size", required=True, choices=sorted(TINY_SIZES))
+    parser.add_argument("--corpus", required=True,
+                        help="prepared dataset folder whose texts train the tokenizer")
+    parser.add_argument("--out", required=True, help="output Hugging Face folder")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    files = [Path(args.corpus) / f"{split}.jsonl" for split in ("train", "test", "sft")]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise ConfigError(f"--corpus {args.corpus!r}: no train/test/sft .jsonl files; "
+                          f"prepare a dataset first")
+    texts = [m["content"] for f in files for row in read_rows(f) for key in
+             ("prompt", "chosen", "rejected", "completion") for m in row.get(key, [])]
+    save_tiny_model(args.out, args.size, texts, vocab_size=args.vocab_size, seed=args.seed)
+    print(f"[halos] wrote {args.size} to {args.out}", flush=True)
+    return 0
+
+
+def _run_losses(argv: Sequence[str]) -> int:
+    from halos.losses import LOSSES
+
+    argparse.ArgumentParser(prog="halos losses", description="List registered losses.").parse_args(argv)
+    for name, cls in sorted(LOSSES.items()):
+        params = ", ".join(f"{k}={p.default!r}" for k, p in cls.hyperparameters().items())
+        needs = "reference" if cls.needs_reference else "reference-free"
+        print(f"{name:10s} {cls.batch_kind:9s} {needs:15s} {params}")
+    return 0
+
+
+COMMANDS = {
+    "sft": lambda argv: _run_train("sft", argv),
+    "align": lambda argv: _run_train("align", argv),
+    "ref-logps": lambda argv: _run_train("ref-logps", argv),
+    "tiny-model": _run_tiny_model,
+    "losses": _run_losses,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = dict(COMMANDS)
+    commands["data"] = _run_data
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip() + "\n\ncommands: " + ", ".join(sorted(commands)))
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return commands[argv[0]](argv[1:])
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"halos {argv[0]}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run_data(argv: Sequence[str]) -> int:
+    from halos.data.cli import main as data_main
+
+    return data_main(list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Normalized rows -> token ids: chat template, prompt masking, truncation, BOS/EOS exactly once.
+
+A sequence is `prompt_ids + response_ids`. `prompt_ids` is the prompt conversation rendered with the
+generation prompt; `response_ids` is the tail of the whole rendered conversation after it, so the
+model is trained on exactly the tokens it would emit after the generation prompt, ending in EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from halos.data.errors import DataError, ErrorPolicy, OnError
+from halos.data.rows import normalize_row, row_kind
+from halos.data.types import TokenizedCompletion, TokenizedExample, TokenizedPair
+from halos.tiny import CHATML_TEMPLATE
+
+# Llama-2 chat: BOS opens every [INST] exchange and EOS closes every reply, written by the
+# template itself, so the tokenizer must not add another BOS.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# The Archangel/HH plain format for base models without a template (e.g. Pythia). The reply
+# starts with a space (a pre-token boundary); only the final reply carries EOS, so the prompt
+# rendering is a prefix of the whole conversation's.
+HUMAN_ASSISTANT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '\n\nHuman: ' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\n\nAssistant: ' + message['content'] }}"
+    "{% if loop.last %}{{ eos_token }}{% endif %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+CHAT_TEMPLATES = {
+    "chatml": CHATML_TEMPLATE,
+    "llama2": LLAMA2_TEMPLATE,
+    "human_assistant": HUMAN_ASSISTANT_TEMPLATE,
+}
+
+
+def resolve_chat_template(name_or_template: str | None) -> str | None:
+    """A name in CHAT_TEMPLATES, a Jinja template itself, or None (use the tokenizer's)."""
+    if name_or_template is None or name_or_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES.get(name_or_template)
+    if "{{" in name_or_template or "{%" in name_or_template:
+        return name_or_template
+    raise KeyError(f"unknown chat template {name_or_template!r}; choose from "
+                   f"{sorted(CHAT_TEMPLATES)} or pass a Jinja template")
+
+
+@dataclass
+class TokenizeReport:
+    n_in: int = 0
+    n_kept: int = 0
+    n_truncated: int = 0
+    n_dropped: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items()))
+        return (f"tokenized {self.n_in}: kept {self.n_kept}, truncated {self.n_truncated}, "
+                f"dropped {self.n_dropped}" + (f" ({detail})" if detail else ""))
+
+
+class _Encoder:
+    """Renders conversations with one template and encodes them with BOS/EOS exactly once."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None):
+        self.tokenizer = tokenizer
+        self.template = resolve_chat_template(chat_template) or tokenizer.chat_template
+        if self.template is None:
+            raise ValueError("the tokenizer has no chat template; pass chat_template= one of "
+                             f"{sorted(CHAT_TEMPLATES)} (e.g. 'human_assistant' for base models)")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        self.eos = tokenizer.eos_token_id
+        # Add BOS ourselves only where the tokenizer would (add_special_tokens) and the rendered
+        # text lacks it; encoding always runs with add_special_tokens=False.
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.bos = bos if bos is not None and probe[:1] == [bos] else None
+
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt,
+            chat_template=self.template)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.bos is not None and ids[:1] != [self.bos]:
+            ids = [self.bos, *ids]
+        if self.bos is not None and ids[:2] == [self.bos, self.bos]:
+            raise DataError("the chat template renders BOS twice", reason="double_bos")
+        return ids
+
+    def prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
+        text = self.render(messages, generation_prompt=True)
+        return text, self.encode(text)
+
+    def response(self, prompt_text: str, prompt_ids: list[int], prompt: list[dict],
+                 response: list[dict], reasons: Counter) -> list[int]:
+        full_text = self.render(prompt + response, generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise DataError("the chat template renders the prompt differently inside the whole "
+                            "conversation, so the response cannot be cut out of it",
+                            reason="template_mismatch")
+        full_ids = self.encode(full_text)
+        if full_ids[: len(prompt_ids)] == prompt_ids:
+            ids = full_ids[len(prompt_ids):]
+        else:  # a BPE merge across the seam: encode the response text on its own
+            reasons["seam_retokenized"] += 1
+            ids = self.tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        if self.eos in ids:  # drop what a template writes after the final EOS (e.g. "\n")
+            return ids[: len(ids) - ids[::-1].index(self.eos)]
+        return [*ids, self.eos]
+
+
+def _truncate(prompt: list[int], responses: list[list[int]], max_length: int,
+              max_prompt_length: int | None, keep_first: bool, reasons: Counter
+              ) -> tuple[list[int], list[list[int]], bool]:
+    """Left-truncate the prompt to `max_prompt_length` (keeping BOS), then right-truncate the
+    responses to what is left of `max_length`."""
+    if len(prompt) + max(map(len, responses)) <= max_length:
+        return prompt, responses, False
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        head = prompt[:1] if keep_first else []
+        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)):]
+        reasons["truncated_prompt"] += 1
+    budget = max_length - len(prompt)
+    if budget < 1:
+        raise DataError(f"prompt is {len(prompt)} tokens, leaving no room for a response within "
+                        f"max_length={max_length}", reason="prompt_too_long",
+                        hint="raise max_length, lower max_prompt_length, or skip such examples")
+    if max(map(len, responses)) > budget:
+        reasons["truncated_response"] += 1
+    return prompt, [r[:budget] for r in responses], True
+
+
+def _where(rows: Sequence[dict], index: int) -> tuple[str, int]:
+    lines = getattr(rows, "lines", None)
+    path = getattr(rows, "path", None)
+    if path and lines:
+        return path, lines[index]
+    return f"<rows> (id {rows[index].get('id')!r})", index + 1
+
+
+def _tokenize(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, kind: str,
+              max_length: int, max_prompt_length: int | None, chat_template: str | None,
+              on_error: OnError | ErrorPolicy) -> tuple[list, TokenizeReport]:
+    encoder = _Encoder(tokenizer, chat_template)
+    policy = ErrorPolicy.of(on_error)
+    report = TokenizeReport(n_in=len(rows))
+    fields = ("chosen", "rejected") if kind == "paired" else ("completion",)
+    out = []
+    for index, raw in enumerate(rows):
+        try:
+            row = normalize_row(raw)
+            if row_kind(row) != kind:
+                raise DataError(f"expected a {kind} row, got a {row_kind(row)} one",
+                                reason="wrong_shape")
+            text, prompt = encoder.prompt(row["prompt"])
+            responses = [encoder.response(text, prompt, row["prompt"], row[name], report.reasons)
+                         for name in fields]
+            prompt, responses, cut = _truncate(prompt, responses, max_length, max_prompt_length,
+                                               encoder.bos is not None, report.reasons)
+        except DataError as err:
+            report.n_dropped += 1
+            report.reasons[err.reason] += 1
+            policy.handle(err.at(*_where(rows, index)))
+            continue
+        report.n_truncated += cut
+        if kind == "paired":
+            out.append(TokenizedPair(row["id"], prompt, responses[0], responses[1]))
+        else:
+            out.append(TokenizedCompletion(row["id"], prompt, responses[0],
+                                           desirable=row["label"] == "desirable"))
+    report.n_kept = len(out)
+    return out, report
+
+
+def tokenize_paired(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                    max_prompt_length: int | None, chat_template: str | None = None,
+                    on_error: OnError | ErrorPolicy = "raise"
+                    ) -> tuple[list[TokenizedPair], TokenizeReport]:
+    """Paired rows -> TokenizedPair (one prompt shared by chosen and rejected)."""
+    return _tokenize(rows, tokenizer, "paired", max_length, max_prompt_length, chat_template,
+                     on_error)
+
+
+def tokenize_unpaired(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, *,
+                      max_length: int, max_prompt_length: int | None,
+                      chat_template: str | None = None, on_error: OnError | ErrorPolicy = "raise"
+                      ) -> tuple[list[TokenizedCompletion], TokenizeReport]:
+    """Unpaired rows -> TokenizedCompletion (`desirable` from the label)."""
+    return _tokenize(rows, tokenizer, "unpaired", max_length, max_prompt_length, chat_template,
+                     on_error)
+
+
+def data_fingerprint(examples: Sequence[TokenizedExample]) -> str:
+    """sha256 over every example's token ids, in order (keys precomputed reference log-probs)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        if isinstance(example, TokenizedPair):
+            parts = (example.prompt_ids, example.chosen_ids, example.rejected_ids)
+        else:
+            parts = (example.prompt_ids, example.completion_ids)
+        digest.update(b"P" if isinstance(example, TokenizedPair) else b"C")
+        for ids in parts:
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(array("q", ids).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,89 @@
+"""The data a loss trains on: prepared rows → tokenized examples of the loss's batch kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from halos.batching import Batch, example_length, kl_partners, make_batch, scored_sequences
+from halos.config import TrainConfig
+from halos.data.types import TokenizedCompletion, TokenizedExample
+from halos.losses.base import AlignmentLoss, BatchKind
+
+
+@dataclass
+class DataView:
+    examples: list[TokenizedExample]
+    kind: BatchKind
+    pad_id: int
+    partners: list[int] | None = None  # KL partner of each example (needs_kl_pairs losses)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [example_length(e) for e in self.examples]
+
+    def batch(self, indices: list[int]) -> Batch:
+        return make_batch(self.examples, indices, self.kind, self.pad_id, self.partners)
+
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        return scored_sequences(self.examples, self.kind, self.partners)
+
+
+def read_split_rows(data: Path, split: str, kind: BatchKind, cfg: TrainConfig) -> list[dict]:
+    """Rows of `split` shaped for `kind`: SFT targets, pairs, or labelled completions."""
+    from halos.data.convert import paired_to_unpaired
+    from halos.data.prepare import read_rows, sft_rows
+
+    if kind == "sft" and split == "train":
+        return sft_rows(data)
+    path = data / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; prepare the dataset with `halos data prepare`")
+    rows = read_rows(path, on_error=cfg.on_error)
+    is_paired = bool(rows) and "chosen" in rows[0]
+    if kind == "paired" and not is_paired:
+        raise ValueError(f"{path}: holds unpaired (completion, label) rows, but the loss needs "
+                         f"preference pairs; choose an unpaired loss (e.g. kto) for this dataset")
+    if kind in ("unpaired", "sft") and is_paired:
+        rows = paired_to_unpaired(rows, seed=cfg.seed)
+    if kind == "sft":
+        rows = [r for r in rows if r["label"] == "desirable"]
+    return rows
+
+
+def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
+              kind: BatchKind | None = None, with_kl: bool | None = None) -> DataView:
+    """Tokenize one split of `cfg.data` for `loss` (or for an explicit kind, for ref-logps)."""
+    from halos.data.tokenize import tokenize_paired, tokenize_unpaired
+
+    kind = kind or loss.batch_kind
+    with_kl = loss.needs_kl_pairs if with_kl is None else with_kl
+    rows = read_split_rows(Path(cfg.data), split, kind, cfg)
+    limit = cfg.max_examples if split == "train" else cfg.eval_examples
+    if limit:
+        rows = rows[:limit]
+    tokenize = tokenize_paired if kind == "paired" else tokenize_unpaired
+    examples, report = tokenize(rows, tokenizer, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length,
+                                chat_template=cfg.chat_template or None, on_error=cfg.on_error)
+    print(f"[halos] {cfg.data} {split} ({kind}): {report.summary()}", flush=True)
+    examples = _with_prompt_suffix(examples, loss, tokenizer)
+    partners = kl_partners(len(examples), cfg.seed) if with_kl and len(examples) > 0 else None
+    return DataView(examples, kind, tokenizer.pad_token_id, partners)
+
+
+def _with_prompt_suffix(examples: list[TokenizedExample], loss: AlignmentLoss,
+                        tokenizer) -> list[TokenizedExample]:
+    """Append the loss's prompt suffix (e.g. CSFT's control token) to each prompt."""
+    if not isinstance(examples[0] if examples else None, TokenizedCompletion):
+        return examples
+    out = []
+    for e in examples:
+        suffix = loss.prompt_suffix(e.desirable)
+        if suffix:
+            ids = tokenizer.encode(suffix, add_special_tokens=False)
+            e = TokenizedCompletion(e.id, e.prompt_ids + ids, e.completion_ids, e.desirable)
+        out.append(e)
+    return out

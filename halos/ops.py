@@ -1,0 +1,102 @@
+"""Token log-probabilities without materialising the B×T×V logits tensor.
+
+A causal LM scores token t with the hidden state at t-1. Preference and SFT losses only use the
+response tokens, so we gather the hidden states whose *next* token is scored (M of them, M ≪ B·T)
+and apply the LM head to those alone, in chunks of `chunk_size` rows. Each chunk runs under
+activation checkpointing: only its (chunk, V) logits exist at any moment, in the forward and in
+the recomputation during backward. On a CPU the vocabulary softmax dominates the cost of a step,
+so skipping prompt and padding positions is the main speed-up, not a detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence log-probabilities of the scored tokens."""
+
+    sums: torch.Tensor  # (N,) sum of log p(token) over scored tokens
+    tokens: torch.Tensor  # (N,) number of scored tokens
+
+    def averaged(self) -> torch.Tensor:
+        return self.sums / self.tokens.clamp(min=1)
+
+
+def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()  # (chunk, V)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_target_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for each row of `hidden` (M, H), via `head` in chunks."""
+    if chunk_size < 1:
+        raise ValueError(f"logits chunk size must be >= 1, got {chunk_size}")
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_target_logps, h, t, head, use_reentrant=False))
+        else:
+            pieces.append(_target_logps(h, t, head))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def sequence_logps_from_hidden(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    head: nn.Module,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """Sum the log-probs of tokens where `loss_mask` (N, T) is true, given hidden states (N, T, H)."""
+    scored = loss_mask[:, 1:].bool()  # (N, T-1): token t+1 is scored from position t
+    rows = scored.nonzero(as_tuple=True)[0]  # (M,)
+    picked_hidden = hidden[:, :-1][scored]  # (M, H)
+    targets = input_ids[:, 1:][scored]  # (M,)
+    token_logps = chunked_target_logps(picked_hidden, targets, head, chunk_size)  # (M,)
+    n = input_ids.shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    return SequenceLogps(sums=sums, tokens=scored.sum(-1))
+
+
+def naive_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
+                         loss_mask: torch.Tensor) -> SequenceLogps:
+    """The textbook computation over full (N, T, V) logits; used to test the chunked path."""
+    logps = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, T-1, V)
+    picked = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (N, T-1)
+    scored = loss_mask[:, 1:].to(picked.dtype)
+    return SequenceLogps(sums=(picked * scored).sum(-1), tokens=loss_mask[:, 1:].sum(-1))
+
+
+class CausalLMLogps(nn.Module):
+    """Wrap a Hugging Face causal LM so that its forward returns per-sequence log-probs.
+
+    DeepSpeed wraps this module, so every ZeRO-3 parameter hook runs as in an ordinary forward;
+    the backbone runs once over the whole padded batch and the LM head only at scored positions.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = self.model.get_decoder()
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state  # (N, T, H)
+        out = sequence_logps_from_hidden(hidden, input_ids, loss_mask,
+                                         self.model.get_output_embeddings(), self.chunk_size)
+        return out.sums, out.tokens

@@ -1,0 +1,182 @@
+"""The two commands that run models: `train` (sft, align) and `reference_logps` (ref-logps).
+
+Read top to bottom: config → process group → loss → model and tokenizer → data → schedule →
+DeepSpeed engine → fit → save.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from halos import engine as eng
+from halos.batching import collate, plan_steps
+from halos.config import ConfigError, TrainConfig
+from halos.dataview import DataView, load_view
+from halos.losses import build_loss
+from halos.losses.base import AlignmentLoss
+from halos.metrics import MetricsLogger
+from halos.ops import CausalLMLogps
+from halos.reflogps import ReferenceLogps, model_identity, write_reference_file
+from halos.trainer import Trainer
+
+FINAL_MODEL = "model"
+WRAPPER_PREFIX = "model."  # CausalLMLogps holds the HF model as `.model`
+
+
+def train(cfg: TrainConfig) -> Path:
+    cfg.validate()
+    loss = build_loss(cfg.loss, cfg.loss_params)
+    out, final = Path(cfg.out), Path(cfg.out) / FINAL_MODEL
+    if final.exists() and not cfg.overwrite:
+        raise ConfigError(f"{final} already holds a finished model; pass --overwrite to retrain")
+    rank, world = eng.init_distributed()
+    seed_everything(cfg.seed)
+    ds = eng.deepspeed_config(cfg)
+
+    model, tokenizer = eng.load_causal_lm(cfg.model, ds, loss.extra_special_tokens)
+    train_data = load_view(cfg, loss, tokenizer, "train")
+    held_out = load_view(cfg, loss, tokenizer, "test") if cfg.eval_examples else None
+    reference = open_reference(cfg, loss, [train_data, held_out])
+
+    plan = plan_steps(train_data.lengths(), micro_batch_size=cfg.micro_batch_size,
+                      grad_accum=cfg.gradient_accumulation_steps, world_size=world,
+                      epochs=cfg.epochs, seed=cfg.seed, bucketing=cfg.length_bucketing)
+    if cfg.max_steps:
+        plan = plan[: cfg.max_steps]
+    if not plan:
+        per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+        raise ConfigError(f"{cfg.data}: {len(train_data)} training examples are fewer than one "
+                          f"optimizer step needs ({per_step} = micro batch × accumulation × "
+                          f"processes); lower --micro-batch-size or add data")
+
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = CausalLMLogps(model, cfg.logits_chunk_size)
+    engine = eng.build_engine(module, ds, cfg, total_steps=len(plan))
+    logger = MetricsLogger(out, enabled=rank == 0, total_steps=len(plan),
+                           run_name=cfg.run_name or out.name, config=cfg.to_dict(),
+                           progress=cfg.progress, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                           wandb_project=cfg.wandb_project)
+    trainer = Trainer(engine, loss, train_data, held_out, plan, cfg, logger, reference,
+                      eng.zero_stage(ds))
+    final_eval = trainer.fit()
+
+    state = eng.consolidated_state_dict(engine, ds)
+    if state is not None:
+        state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
+    summary = {"config": cfg.to_dict(), "loss": loss.name, "steps": len(plan),
+               "world_size": world, "final_eval": final_eval}
+    eng.export_hf_folder(model, state, tokenizer, final, {"halos_training.json": summary})
+    eng.barrier()
+    if rank == 0 and not cfg.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    logger.close()
+    return final
+
+
+def open_reference(cfg: TrainConfig, loss: AlignmentLoss,
+                   views: list[DataView | None]) -> ReferenceLogps | None:
+    """Load and check the reference file before any training step."""
+    if not loss.needs_reference:
+        return None
+    if not cfg.ref_logps:
+        raise ConfigError(f"loss {loss.name!r} needs --ref-logps (compute it with "
+                          f"`halos ref-logps --model {cfg.model} --data {cfg.data}`)")
+    reference = ReferenceLogps(cfg.ref_logps)
+    reference.check_model(cfg.reference_model or cfg.model)
+    for view in views:
+        if view is not None and len(view):
+            reference.check_covers(collate(view.sequences(), view.pad_id, "sft", 0).keys)
+    return reference
+
+
+def reference_logps(cfg: TrainConfig) -> Path:
+    """Score every sequence any loss may need on `cfg.data` with the reference model, once."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to recompute")
+    rank, world = eng.init_distributed()
+    ds = eng.deepspeed_config(cfg)
+    model, tokenizer = eng.load_causal_lm(cfg.model, ds)
+    sequences = _all_reference_sequences(cfg, tokenizer)
+    engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size), ds, None)
+
+    # Longest first in fixed-size batches, dealt round-robin; all ranks run the same count.
+    order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
+    size = cfg.micro_batch_size * 2
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    rounds = -(-len(chunks) // world)
+    results: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for r in range(rounds):
+            i = r * world + rank
+            indices = chunks[min(i, len(chunks) - 1)]
+            batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id, "sft", 0)
+            device = engine.device
+            sums, counts = engine(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                  batch.loss_mask.to(device))
+            if i < len(chunks):
+                results.append((indices, batch.keys, sums.float().cpu(), counts.cpu()))
+    gathered = [results] if world == 1 else _gather(results, world)
+    if rank == 0:
+        keys, sums, counts = _merge(gathered)
+        fingerprint = _fingerprint(keys)
+        write_reference_file(out, keys, sums, counts, model=cfg.model,
+                             identity=model_identity(cfg.model), data_fingerprint=fingerprint)
+        print(f"[halos] wrote reference log-probs of {len(keys)} sequences to {out}", flush=True)
+    eng.barrier()
+    return out
+
+
+def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The union of sequences the paired and unpaired (with KL pairs) views of the data score."""
+    from halos.losses import get_loss_class
+
+    probe = get_loss_class("sft")()  # only for prompt suffixes (none) when building views
+    unique: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}
+    first = json.loads((Path(cfg.data) / "train.jsonl").open().readline() or "{}")
+    kinds = ["paired", "unpaired"] if "chosen" in first else ["unpaired"]
+    for split in ("train", "test"):
+        if not (Path(cfg.data) / f"{split}.jsonl").is_file():
+            continue
+        for kind in kinds:
+            view = load_view(cfg, probe, tokenizer, split, kind=kind, with_kl=kind == "unpaired")
+            for prompt, response in view.sequences():
+                unique[(tuple(prompt), tuple(response))] = None
+    return [(list(p), list(r)) for p, r in unique]
+
+
+def _gather(results: list, world: int) -> list:
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, results)
+    return gathered
+
+
+def _merge(gathered: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys, sums, counts = [], [], []
+    for results in gathered:
+        for _, k, s, c in results:
+            keys.append(k)
+            sums.append(s)
+            counts.append(c)
+    return torch.cat(keys), torch.cat(sums), torch.cat(counts)
+
+
+def _fingerprint(keys: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(torch.sort(keys).values.numpy().tobytes()).hexdigest()[:32]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,170 @@
+"""The one training loop every loss shares. It knows what a loss *declares*, never which loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from halos import engine as eng
+from halos.batching import Batch, pack_logps
+from halos.config import TrainConfig
+from halos.dataview import DataView
+from halos.losses.base import AlignmentLoss, LossOutput
+from halos.metrics import MetricsLogger, reduce_mean, reduce_sum
+from halos.reflogps import ReferenceLogps
+
+# Options whose change makes a checkpoint belong to another run (logging options may change).
+RESUME_KEYS = ("model", "data", "loss", "loss_params", "ref_logps", "max_length",
+               "max_prompt_length", "max_examples", "epochs", "max_steps", "micro_batch_size",
+               "gradient_accumulation_steps", "learning_rate", "seed", "length_bucketing",
+               "lr_schedule", "warmup_steps", "chat_template")
+
+
+def run_fingerprint(cfg: TrainConfig, world_size: int) -> str:
+    keyed = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"world_size": world_size}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, engine, loss: AlignmentLoss, train: DataView, held_out: DataView | None,
+                 plan: list[list[list[int]]], cfg: TrainConfig, logger: MetricsLogger,
+                 reference: ReferenceLogps | None, zero_stage: int):
+        self.engine, self.loss, self.train, self.held_out = engine, loss, train, held_out
+        self.plan, self.cfg, self.logger, self.reference = plan, cfg, logger, reference
+        self.zero_stage = zero_stage
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.fingerprint = run_fingerprint(cfg, self.world)
+        self.checkpoints = Path(cfg.out) / "checkpoints"
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        start = self.resume()
+        last: dict[str, float] = {}
+        for step in range(start, len(self.plan)):
+            last = self._train_step(step)
+            done = step + 1
+            if done % self.cfg.log_every == 0 or done == len(self.plan):
+                self.logger.log(done, last)
+            self.logger.advance()
+            if self.cfg.eval_every and done % self.cfg.eval_every == 0 and done < len(self.plan):
+                self.logger.log(done, self.evaluate(), split="eval")
+            if self.cfg.save_every and done % self.cfg.save_every == 0 and done < len(self.plan):
+                eng.save_checkpoint(self.engine, self.checkpoints, done,
+                                    {"step": done, "fingerprint": self.fingerprint})
+        final_eval = self.evaluate()
+        self.logger.log(len(self.plan), final_eval, split="eval")
+        return final_eval
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        started = time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
+        tokens, grad_norm = 0, float("nan")
+        microbatches = self.plan[step][self.rank :: self.world]
+        for indices in microbatches:
+            batch = self.train.batch(indices)
+            out = self.forward(batch)
+            loss = out.losses.mean()
+            if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+                self.engine.backward(loss)
+                grad_norm = _grad_norm(self.engine.module)
+            else:
+                self.engine.backward(loss)
+            self.engine.step()
+            tokens += batch.real_tokens + (batch.kl.real_tokens if batch.kl is not None else 0)
+            for key, value in _scalar_metrics(out, loss).items():
+                sums[key] += value / len(microbatches)
+        if self.zero_stage > 0:
+            grad_norm = _as_float(self.engine.get_global_grad_norm())
+        metrics = reduce_mean(dict(sums))
+        elapsed = reduce_mean({"t": time.perf_counter() - started})["t"]
+        metrics.update(lr=self.engine.get_lr()[0], grad_norm=grad_norm,
+                       tokens=reduce_sum(tokens), tokens_per_s=reduce_sum(tokens) / elapsed)
+        return metrics
+
+    def forward(self, batch: Batch) -> LossOutput:
+        """Policy log-probs (one forward for chosen+rejected), reference from the file, loss."""
+        device = self.engine.device
+        sums, counts = self.engine(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                   batch.loss_mask.to(device))
+        kl_sums = kl_counts = None
+        if batch.kl is not None:
+            with torch.no_grad():
+                kl_sums, kl_counts = self.engine(batch.kl.input_ids.to(device),
+                                                 batch.kl.attention_mask.to(device),
+                                                 batch.kl.loss_mask.to(device))
+        average = self.loss.average_logps
+        policy = pack_logps(batch, sums, counts, average, kl_sums, kl_counts)
+        reference = None
+        if self.reference is not None:
+            ref = [t.to(device) for t in self.reference.lookup(batch.keys)]
+            ref_kl = ([t.to(device) for t in self.reference.lookup(batch.kl.keys)]
+                      if batch.kl is not None else [None, None])
+            reference = pack_logps(batch, ref[0], ref[1], average, *ref_kl)
+        return self.loss(policy, reference)
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and metrics over the held-out split, weighted by examples, across ranks."""
+        if self.held_out is None or len(self.held_out) == 0:
+            return {}
+        self.engine.eval()
+        size = self.cfg.micro_batch_size
+        order = sorted(range(len(self.held_out)), key=self.held_out.lengths().__getitem__)
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).
+        rounds = math.ceil(len(chunks) / self.world)
+        sums: dict[str, float] = defaultdict(float)
+        for r in range(rounds):
+            i = r * self.world + self.rank
+            weight = 1.0 if i < len(chunks) else 0.0
+            indices = chunks[min(i, len(chunks) - 1)]
+            out = self.forward(self.held_out.batch(indices))
+            for key, value in _scalar_metrics(out, out.losses.mean()).items():
+                sums[key] += weight * value * len(indices)
+            sums["_n"] += weight * len(indices)
+        self.engine.train()
+        totals = {k: reduce_sum(v) for k, v in sorted(sums.items())}
+        n = totals.pop("_n")
+        return {k: v / n for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self) -> int:
+        tag = eng.latest_checkpoint(self.checkpoints)
+        if tag is None:
+            return 0
+        state = eng.load_checkpoint(self.engine, self.checkpoints, tag)
+        if state.get("fingerprint") != self.fingerprint:
+            raise RuntimeError(
+                f"{self.checkpoints / tag} belongs to a run with other options (or world size); "
+                f"delete {self.checkpoints} to start over, or rerun with the original options")
+        self.logger.message(f"[halos] resumed from {self.checkpoints / tag} at step {state['step']}")
+        self.logger.advance(0)
+        return int(state["step"])
+
+
+def _scalar_metrics(out: LossOutput, loss: torch.Tensor) -> dict[str, float]:
+    metrics = {"loss": float(loss.detach())}
+    for key, value in out.metrics.items():
+        value = value.detach().float()
+        metrics[key] = float(value.nanmean()) if value.numel() else float("nan")
+    return metrics
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
