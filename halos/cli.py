@@ -30,7 +30,7 @@ _NOT_FOR = {
                   "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_betas",
                   "warmup_steps", "lr_schedule", "max_grad_norm", "activation_checkpointing",
                   "log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard",
-                  "wandb", "wandb_project", "run_name", "progress", "length_bucketing"},
+                  "wandb", "wandb_project", "run_name", "length_bucketing"},
 }
 
 
@@ -149,6 +149,43 @@ def _run_tiny_model(argv: Sequence[str]) -> int:
     return 0
 
 
+def _run_score(argv: Sequence[str]) -> int:
+    from transformers import AutoTokenizer
+
+    from halos.data.prepare import read_rows
+    from halos.data.tokenize import tokenize_unpaired
+    from halos.io import write_jsonl
+    from halos.value_head import score_texts
+
+    parser = argparse.ArgumentParser(prog="halos score", description=(
+        "Score (prompt, response) pairs with a reward model trained by `halos align --loss rm`."))
+    parser.add_argument("--model", required=True, help="reward model folder (value_head.safetensors)")
+    parser.add_argument("--data", required=True, help="normalized JSONL: paired or unpaired rows")
+    parser.add_argument("--out", required=True, help="output JSONL: id and score(s) per row")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+
+    def encode(prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
+        row = {"id": "score", "prompt": prompt, "label": "desirable",
+               "completion": [{"role": "assistant", "content": response}]}
+        (example,), _ = tokenize_unpaired([row], tokenizer, max_length=args.max_length,
+                                         max_prompt_length=args.max_length - 1)
+        return example.prompt_ids, example.completion_ids
+
+    rows = read_rows(args.data)
+    fields = ["chosen", "rejected"] if rows and "chosen" in rows[0] else ["completion"]
+    prompts = [row["prompt"] for row in rows for _ in fields]
+    responses = [row[f][-1]["content"] for row in rows for f in fields]
+    scores = iter(score_texts(args.model, prompts, responses, tokenizer, encode=encode,
+                              batch_size=args.batch_size))
+    written = write_jsonl(args.out, ({"id": row["id"], **{f: next(scores) for f in fields}}
+                                     for row in rows))
+    print(f"[halos] scored {written} rows -> {args.out}", flush=True)
+    return 0
+
+
 def _run_losses(argv: Sequence[str]) -> int:
     from halos.losses import LOSSES
 
@@ -166,6 +203,7 @@ COMMANDS = {
     "ref-logps": lambda argv: _run_train("ref-logps", argv),
     "tiny-model": _run_tiny_model,
     "losses": _run_losses,
+    "score": _run_score,
 }
 
 

@@ -27,6 +27,13 @@ class DataView:
     def batch(self, indices: list[int]) -> Batch:
         return make_batch(self.examples, indices, self.kind, self.pad_id, self.partners)
 
+    def label_counts(self) -> dict[str, int]:
+        """Desirable / undesirable example counts (pairs count once each way)."""
+        if self.kind == "paired":
+            return {"desirable": len(self.examples), "undesirable": len(self.examples)}
+        desirable = sum(bool(getattr(e, "desirable", True)) for e in self.examples)
+        return {"desirable": desirable, "undesirable": len(self.examples) - desirable}
+
     def sequences(self) -> list[tuple[list[int], list[int]]]:
         return scored_sequences(self.examples, self.kind, self.partners)
 

@@ -201,13 +201,16 @@ def consolidated_state_dict(engine, ds: dict[str, Any]) -> dict[str, torch.Tenso
     return engine.module.state_dict() if is_main() else None
 
 
-def export_hf_folder(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None,
+def export_hf_folder(module: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None,
                      tokenizer, out: Path, extra_files: dict[str, dict] | None = None) -> None:
-    """Rank 0 writes a `save_pretrained` folder (safetensors, tokenizer, generation config)."""
+    """Rank 0 writes a `save_pretrained` folder (safetensors, tokenizer, generation config).
+
+    `module` is the trained wrapper (log-prob or value-head model); it knows how to save itself.
+    """
     if not is_main():
         return
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

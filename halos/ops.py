@@ -29,8 +29,13 @@ class SequenceLogps:
         return self.sums / self.tokens.clamp(min=1)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are upcast for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, V)
+    logits = _at_least_fp32(head(hidden))  # (chunk, V)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -67,14 +72,14 @@ def sequence_logps_from_hidden(
     targets = input_ids[:, 1:][scored]  # (M,)
     token_logps = chunked_target_logps(picked_hidden, targets, head, chunk_size)  # (M,)
     n = input_ids.shape[0]
-    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    sums = token_logps.new_zeros(n).index_add(0, rows, token_logps)
     return SequenceLogps(sums=sums, tokens=scored.sum(-1))
 
 
 def naive_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
                          loss_mask: torch.Tensor) -> SequenceLogps:
     """The textbook computation over full (N, T, V) logits; used to test the chunked path."""
-    logps = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, T-1, V)
+    logps = F.log_softmax(_at_least_fp32(logits[:, :-1]), dim=-1)  # (N, T-1, V)
     picked = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (N, T-1)
     scored = loss_mask[:, 1:].to(picked.dtype)
     return SequenceLogps(sums=(picked * scored).sum(-1), tokens=loss_mask[:, 1:].sum(-1))
@@ -100,3 +105,10 @@ class CausalLMLogps(nn.Module):
         out = sequence_logps_from_hidden(hidden, input_ids, loss_mask,
                                          self.model.get_output_embeddings(), self.chunk_size)
         return out.sums, out.tokens
+
+    def save_pretrained(self, folder, state_dict: dict[str, torch.Tensor] | None = None,
+                        **kwargs) -> None:
+        """The wrapped model's `save_pretrained`; `state_dict` is this module's (keys `model.*`)."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        inner = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        self.model.save_pretrained(folder, state_dict=inner, **kwargs)

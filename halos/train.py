@@ -27,7 +27,6 @@ from halos.reflogps import ReferenceLogps, model_identity, write_reference_file
 from halos.trainer import Trainer
 
 FINAL_MODEL = "model"
-WRAPPER_PREFIX = "model."  # CausalLMLogps holds the HF model as `.model`
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -56,9 +55,11 @@ def train(cfg: TrainConfig) -> Path:
                           f"optimizer step needs ({per_step} = micro batch × accumulation × "
                           f"processes); lower --micro-batch-size or add data")
 
+    for warning in loss.dataset_warnings(train_data.label_counts()):
+        print(f"[halos] warning: {warning}", flush=True)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = CausalLMLogps(model, cfg.logits_chunk_size)
+    module = trainable_module(model, loss, cfg)
     engine = eng.build_engine(module, ds, cfg, total_steps=len(plan))
     logger = MetricsLogger(out, enabled=rank == 0, total_steps=len(plan),
                            run_name=cfg.run_name or out.name, config=cfg.to_dict(),
@@ -69,16 +70,24 @@ def train(cfg: TrainConfig) -> Path:
     final_eval = trainer.fit()
 
     state = eng.consolidated_state_dict(engine, ds)
-    if state is not None:
-        state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
     summary = {"config": cfg.to_dict(), "loss": loss.name, "steps": len(plan),
                "world_size": world, "final_eval": final_eval}
-    eng.export_hf_folder(model, state, tokenizer, final, {"halos_training.json": summary})
+    eng.export_hf_folder(module, state, tokenizer, final, {"halos_training.json": summary})
     eng.barrier()
     if rank == 0 and not cfg.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     logger.close()
     return final
+
+
+def trainable_module(model: torch.nn.Module, loss: AlignmentLoss,
+                     cfg: TrainConfig) -> torch.nn.Module:
+    """What DeepSpeed trains: the LM returning log-probs, or LM + value head returning scores."""
+    if loss.model_head == "value_head":
+        from halos.value_head import ValueHeadModel
+
+        return ValueHeadModel(model)
+    return CausalLMLogps(model, cfg.logits_chunk_size)
 
 
 def open_reference(cfg: TrainConfig, loss: AlignmentLoss,

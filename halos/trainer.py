@@ -17,6 +17,7 @@ from halos.batching import Batch, pack_logps
 from halos.config import TrainConfig
 from halos.dataview import DataView
 from halos.losses.base import AlignmentLoss, LossOutput
+from halos.losses.functional import means_from_sums
 from halos.metrics import MetricsLogger, reduce_mean, reduce_sum
 from halos.reflogps import ReferenceLogps
 
@@ -72,18 +73,16 @@ class Trainer:
             batch = self.train.batch(indices)
             out = self.forward(batch)
             loss = out.losses.mean()
-            if self.engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
-                self.engine.backward(loss)
-                grad_norm = _grad_norm(self.engine.module)
-            else:
-                self.engine.backward(loss)
+            self.engine.backward(loss)
+            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                grad_norm = _grad_norm(self.engine.module)  # ZeRO 1-3 report it themselves
             self.engine.step()
             tokens += batch.real_tokens + (batch.kl.real_tokens if batch.kl is not None else 0)
             for key, value in _scalar_metrics(out, loss).items():
                 sums[key] += value / len(microbatches)
         if self.zero_stage > 0:
             grad_norm = _as_float(self.engine.get_global_grad_norm())
-        metrics = reduce_mean(dict(sums))
+        metrics = means_from_sums(reduce_mean(dict(sums)))
         elapsed = reduce_mean({"t": time.perf_counter() - started})["t"]
         metrics.update(lr=self.engine.get_lr()[0], grad_norm=grad_norm,
                        tokens=reduce_sum(tokens), tokens_per_s=reduce_sum(tokens) / elapsed)
@@ -100,6 +99,8 @@ class Trainer:
                 kl_sums, kl_counts = self.engine(batch.kl.input_ids.to(device),
                                                  batch.kl.attention_mask.to(device),
                                                  batch.kl.loss_mask.to(device))
+        if batch.desirable is not None:
+            batch.desirable = batch.desirable.to(device)
         average = self.loss.average_logps
         policy = pack_logps(batch, sums, counts, average, kl_sums, kl_counts)
         reference = None
@@ -129,12 +130,15 @@ class Trainer:
             indices = chunks[min(i, len(chunks) - 1)]
             out = self.forward(self.held_out.batch(indices))
             for key, value in _scalar_metrics(out, out.losses.mean()).items():
-                sums[key] += weight * value * len(indices)
+                # Sums and counts (groups a batch may lack) add up; means are example-weighted.
+                per_batch = key.endswith(("_sum", "_count"))
+                sums[key] += weight * value * (1 if per_batch else len(indices))
             sums["_n"] += weight * len(indices)
         self.engine.train()
         totals = {k: reduce_sum(v) for k, v in sorted(sums.items())}
         n = totals.pop("_n")
-        return {k: v / n for k, v in totals.items()}
+        means = {k: v if k.endswith(("_sum", "_count")) else v / n for k, v in totals.items()}
+        return means_from_sums(means)
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> int:

@@ -8,6 +8,7 @@ A loss never sees token ids or models. The trainer computes per-sequence log-pro
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -79,6 +80,11 @@ class AlignmentLoss(nn.Module):
     def prompt_suffix(self, desirable: bool) -> str:
         """Text appended to the prompt of a (desirable or not) example, e.g. a control token."""
         return ""
+
+    def dataset_warnings(self, counts: Mapping[str, int]) -> list[str]:
+        """Warnings about the training data for this loss, given its "desirable"/"undesirable"
+        example counts (e.g. KTO's recommended weight ratio)."""
+        return []
 
     def forward(self, policy: Logps, reference: Logps | None = None) -> LossOutput:
         if self.needs_reference and reference is None:

@@ -1,0 +1,56 @@
+"""Shared fixtures: a small synthetic dataset, a tiny model, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def halos_env() -> dict[str, str]:
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def run_halos(*args: str | Path, check: bool = True, timeout: int = 600,
+              launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `halos ARGS` (optionally under a launcher such as torchrun) in a fresh process."""
+    command = (launcher or [sys.executable, "-m", "halos"]) + [str(a) for a in args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env=halos_env())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from halos.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(out, seed=0, n_train=1200, n_test=128, n_sft=1600, n_prompts=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-1m"
+    run_halos("tiny-model", "--size", "tiny-1m", "--corpus", synthetic_data, "--out", out,
+              "--vocab-size", "512")
+    return out
+
+
+# Small, fast options shared by the training tests.
+FAST = ("--deepspeed", "zero0", "--micro-batch-size", "8", "--eval-examples", "16",
+        "--no-progress", "--max-length", "64", "--max-prompt-length", "32")
