@@ -143,7 +143,7 @@ def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
     from halos.tiny import train_tokenizer
 
     data, model_dir = work / "data", work / "model"
-    rows = generate_rows(pairs + 64, SEED)
+    rows = generate_rows(pairs + max(8, pairs // 8), SEED)  # + a held-out test split
     data.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:pairs]), ("test", rows[pairs:])):
         with (data / f"{name}.jsonl").open("w") as handle:
@@ -275,13 +275,32 @@ def run_config(name: str, data: Path, model: Path, run_dir: Path) -> dict:
     """One configuration in a fresh wrapper process; its wall clock is the end-to-end time."""
     run_dir.mkdir(parents=True)
     result = run_dir / "result.json"
+    busy0, cpu0 = _machine_busy_s(), _children_cpu_s()
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--model",
                     str(model), "--run-dir", str(run_dir), "--result", str(result)], check=True,
                    stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))  # noqa: SIM115
     out = json.loads(result.read_text())
     out["wrapper_s"] = time.perf_counter() - t0
+    # CPU the rest of the machine used meanwhile (other jobs on these shared cores), as a
+    # fraction of all cores: a run with a high value was slowed down by them.
+    foreign = (_machine_busy_s() - busy0) - (_children_cpu_s() - cpu0)
+    out["foreign_cpu_frac"] = max(0.0, foreign) / (out["wrapper_s"] * (os.cpu_count() or 1))
     return out
+
+
+def _machine_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine since boot (Linux /proc/stat)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -381,6 +400,7 @@ def summarize(results: dict[str, list[dict]], stats: dict, peak: float) -> dict:
             "mfu_train_head_aware": h_train / med["train_s"] / (peak * 1e9),
             "mfu_e2e_head_aware": h_e2e / med["e2e_s"] / (peak * 1e9),
             "mean_loss": statistics.median(r["mean_loss"] for r in runs),
+            "foreign_cpu_frac": [round(r.get("foreign_cpu_frac", 0.0), 2) for r in runs],
             "runs": runs,
         }
     return table
@@ -422,6 +442,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", default="benchmarks/results/bench_dpo_vs_trl.json")
     parser.add_argument("--work", default="", help="keep data/model/runs here (default: a temp dir)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="no runs: tabulate the runs/*/result.json already under --work")
     # internal: one configuration in its own process
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     for name in ("--data", "--model", "--run-dir", "--result"):
@@ -433,6 +455,8 @@ def main() -> None:
     configs = [c for c in args.configs.split(",") if c]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     t0 = time.perf_counter()
+    if args.summarize_only:
+        return summarize_only(work, configs, args)
     data, model_dir = prepare(work, args.pairs)
     stats = static_stats(data, model_dir)
     peak = matmul_peak_gflops()
@@ -451,9 +475,27 @@ def main() -> None:
             print(f"[{rep + 1}/{args.repeats}] {name:<15} tokens {r['tokens']:,}  train "
                   f"{r['train_s']:.1f}s ({r['tokens'] / r['train_s']:,.0f} tok/s)  e2e "
                   f"{r['e2e_s']:.1f}s ({r['tokens'] / r['e2e_s']:,.0f} tok/s)  peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB  elapsed {time.perf_counter() - t0:.0f}s",
+                  f"{r['peak_rss_mb']:.0f} MB  other jobs' CPU {r['foreign_cpu_frac']:.0%}  "
+                  f"elapsed {time.perf_counter() - t0:.0f}s",
                   flush=True)
     peak = max(peak, matmul_peak_gflops())  # also measured after, under the same conditions
+    report(results, stats, peak, args, t0)
+
+
+def summarize_only(work: Path, configs: list[str], args) -> None:
+    stats = static_stats(work / "data", work / "model")
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    for path in sorted((work / "runs").glob("*/result.json")):
+        name = path.parent.name.split("-", 1)[1]
+        if name in results:
+            results[name].append(json.loads(path.read_text()))
+    results = {k: v for k, v in results.items() if v}
+    args.repeats = min(len(v) for v in results.values())
+    args.pairs = stats["pairs"]
+    report(results, stats, matmul_peak_gflops(), args, time.perf_counter())
+
+
+def report(results: dict[str, list[dict]], stats: dict, peak: float, args, t0: float) -> None:
     table = summarize(results, stats, peak)
     print_table(table, stats, peak)
     out = Path(args.out)
@@ -462,6 +504,10 @@ def main() -> None:
                                "repeats": args.repeats, "matmul_peak_gflops": peak,
                                "cpu_count": os.cpu_count(), "stats": stats, "table": table},
                               indent=2))
+    busy = max(max(r["foreign_cpu_frac"]) for r in table.values())
+    if busy > 0.1:
+        print(f"\nwarning: other jobs used up to {busy:.0%} of this machine's CPU during some "
+              f"runs (per run: 'foreign_cpu_frac' in the JSON); those timings are inflated")
     print(f"\nwrote {out}; total {time.perf_counter() - t0:.0f}s")
 
 

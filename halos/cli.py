@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -217,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[argv[0]](argv[1:])
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        if os.environ.get("HALOS_TRACEBACK"):
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"halos {argv[0]}: error: {message}", file=sys.stderr)
         return 2

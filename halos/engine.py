@@ -128,9 +128,10 @@ def build_engine(module: torch.nn.Module, ds: dict[str, Any], cfg: TrainConfig |
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
     schedule = lr_lambda(cfg, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds)
+    # A callable: DeepSpeed builds the scheduler on the optimizer it wraps (ZeRO-3 regroups params).
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=ds,
+        lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
     return engine
 
 

@@ -6,6 +6,7 @@ DeepSpeed engine → fit → save.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -150,6 +151,7 @@ def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int
     from halos.losses import get_loss_class
 
     probe = get_loss_class("sft")()  # only for prompt suffixes (none) when building views
+    cfg = dataclasses.replace(cfg, eval_examples=0)  # every held-out row: runs may use any prefix
     unique: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}
     first = json.loads((Path(cfg.data) / "train.jsonl").open().readline() or "{}")
     kinds = ["paired", "unpaired"] if "chosen" in first else ["unpaired"]
