@@ -208,10 +208,28 @@ COMMANDS = {
 }
 
 
+def _delegate(module: str, function: str, *prefix: str) -> Callable[[Sequence[str]], int]:
+    """A command implemented in a subpackage (imported only when used)."""
+
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)([*prefix, *argv])
+
+    return run
+
+
+COMMANDS.update({
+    "data": _delegate("halos.data.cli", "main", "data"),
+    "sample": _delegate("halos.eval.cli", "main_sample"),
+    "eval": _delegate("halos.eval.cli", "main_eval"),
+    "report": _delegate("halos.eval.cli", "main_report"),
+})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = dict(COMMANDS)
-    commands["data"] = _run_data
+    commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(sorted(commands)))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
@@ -223,12 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"halos {argv[0]}: error: {message}", file=sys.stderr)
         return 2
-
-
-def _run_data(argv: Sequence[str]) -> int:
-    from halos.data.cli import main as data_main
-
-    return data_main(list(argv))
 
 
 if __name__ == "__main__":
