@@ -49,7 +49,12 @@ def read_split_rows(data: Path, split: str, kind: BatchKind, cfg: TrainConfig) -
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; prepare the dataset with `halos data prepare`")
     rows = read_rows(path, on_error=cfg.on_error)
-    is_paired = bool(rows) and "chosen" in rows[0]
+    if not rows:
+        if split == "train":
+            raise ValueError(f"{path}: the dataset is empty (0 training examples); "
+                             f"prepare it again with `halos data prepare`")
+        return rows
+    is_paired = "chosen" in rows[0]
     if kind == "paired" and not is_paired:
         raise ValueError(f"{path}: holds unpaired (completion, label) rows, but the loss needs "
                          f"preference pairs; choose an unpaired loss (e.g. kto) for this dataset")

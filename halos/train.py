@@ -41,6 +41,7 @@ def train(cfg: TrainConfig) -> Path:
     ds = eng.deepspeed_config(cfg)
 
     model, tokenizer = eng.load_causal_lm(cfg.model, ds, loss.extra_special_tokens)
+    check_fits(model, cfg)
     train_data = load_view(cfg, loss, tokenizer, "train")
     held_out = load_view(cfg, loss, tokenizer, "test") if cfg.eval_examples else None
     reference = open_reference(cfg, loss, [train_data, held_out])
@@ -81,6 +82,13 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+def check_fits(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds what {cfg.model} supports "
+                          f"(max_position_embeddings = {limit}); lower --max-length")
+
+
 def trainable_module(model: torch.nn.Module, loss: AlignmentLoss,
                      cfg: TrainConfig) -> torch.nn.Module:
     """What DeepSpeed trains: the LM returning log-probs, or LM + value head returning scores."""
@@ -116,6 +124,7 @@ def reference_logps(cfg: TrainConfig) -> Path:
     rank, world = eng.init_distributed()
     ds = eng.deepspeed_config(cfg)
     model, tokenizer = eng.load_causal_lm(cfg.model, ds)
+    check_fits(model, cfg)
     sequences = _all_reference_sequences(cfg, tokenizer)
     engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size), ds, None)
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, halos_env, run_halos
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from conftest import FAST, halos_env, run_halos
 
 
 def metrics(out: Path, split: str) -> list[dict]:
