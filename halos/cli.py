@@ -120,8 +120,12 @@ def _run_train(command: str, argv: Sequence[str]) -> int:
     cfg = _config_from(args, fixed)
     if command == "ref-logps":
         reference_logps(cfg)
-    else:
-        print(f"[halos] finished: {train(cfg)}", flush=True)
+        return 0
+    final = train(cfg)
+    from halos.engine import is_main
+
+    if is_main():
+        print(f"[halos] finished: {final}", flush=True)
     return 0
 
 
@@ -227,8 +231,25 @@ COMMANDS.update({
 })
 
 
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes `--local_rank=N` first; it also sets LOCAL_RANK."""
+    kept: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            os.environ.setdefault("LOCAL_RANK", arg)
+            skip_next = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(sorted(commands)))

@@ -114,7 +114,11 @@ def load_suite(path: str | Path | None = None) -> Suite:
             pending[name] = (f"class {losses[name]['class']!r} is not registered yet "
                              f"(`halos losses`); planned once it is")
     _check_losses(losses, tables["losses"], set(pending))
+    _check_datasets(datasets, tables["datasets"])
     _check_models(models, tables["models"], datasets)
+    if spec["publish"].get("enabled") and not spec["publish"].get("repo_prefix"):
+        raise SuiteError(f"suite file {path}: publish.enabled needs publish.repo_prefix "
+                         f"(e.g. my-org/archangel)")
     suite = Suite(name=spec.get("name", path.stem), path=path, tables=tables, models=models,
                   losses=losses, datasets=datasets, runs=[], pending=pending,
                   eval=spec.get("eval", {}), publish=spec.get("publish", {}))
@@ -131,6 +135,8 @@ def load_table(path: str | Path, kind: str) -> dict[str, dict]:
     pattern = _schema(kind)["x-name-pattern"]
     import re
 
+    # Keys starting with "." are templates for YAML anchors (`<<: *from_sft`), not rows.
+    rows = {name: row for name, row in rows.items() if not str(name).startswith(".")}
     for name, row in rows.items():
         where = f"{kind} table {path}, row {name!r}"
         if not isinstance(name, str) or not re.fullmatch(pattern, name):
@@ -242,6 +248,25 @@ def _check_losses(losses: dict[str, dict], path: Path, pending: set[str]) -> Non
     if any(row["from_sft"] for row in losses.values()) and SFT not in losses:
         raise SuiteError(f"losses table {path}: rows with from_sft: true need a row named {SFT!r} "
                          f"(class sft) that defines the SFT stage")
+
+
+def _check_datasets(datasets: dict[str, dict], path: Path) -> None:
+    for name, row in datasets.items():
+        where = f"datasets table {path}, row {name!r}"
+        if "mix" in row:
+            extra = sorted({"loader", "source", "splits", "sizes", "options"} & set(row))
+            if extra:
+                raise SuiteError(f"{where}: a mix row is the concatenation of other rows; "
+                                 f"remove {extra} (set them on the parts)")
+            for part in row["mix"]:
+                if part not in datasets or "mix" in datasets[part]:
+                    raise SuiteError(f"{where}: mix part {part!r} is not a loader row of the "
+                                     f"datasets table")
+        elif not {"loader", "source"} <= set(row):
+            raise SuiteError(f"{where}: needs `loader` and `source` (or `mix: [rows]`)")
+        if row["max_prompt_length"] >= row["max_length"]:
+            raise SuiteError(f"{where}: max_prompt_length ({row['max_prompt_length']}) must be "
+                             f"smaller than max_length ({row['max_length']})")
 
 
 def _check_models(models: dict[str, dict], path: Path, datasets: dict[str, dict]) -> None:
@@ -428,6 +453,39 @@ def prepare_args(suite: Suite, dataset: str) -> str:
                           ("--option", row.get("options", {}))):
         parts += [f"{flag} {shlex.quote(f'{k}={v}')}" for k, v in mapping.items()]
     return " ".join(parts)
+
+
+def mix_parts(suite: Suite, dataset: str) -> list[str]:
+    return [data_dir(part) for part in suite.datasets[dataset].get("mix", [])]
+
+
+MIX_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl", "prompts.jsonl")
+
+
+def mix_datasets(parts: list[str | Path], out: str | Path) -> dict[str, int]:
+    """Concatenate the normalized files of prepared datasets into `out` (atomically). A file
+    must be in every part or in none (SFT data from some parts only would bias the mix)."""
+    from halos.io import atomic_dir, write_json
+
+    parts = [Path(p) for p in parts]
+    counts: dict[str, int] = {}
+    with atomic_dir(out) as tmp:
+        for name in MIX_FILES:
+            have = [p for p in parts if (p / name).is_file()]
+            if not have:
+                continue
+            if len(have) != len(parts):
+                missing = [str(p) for p in parts if p not in have]
+                raise SuiteError(f"mix {out}: {name} is in {[str(p) for p in have]} but not in "
+                                 f"{missing}")
+            with open(tmp / name, "w") as handle:
+                for part in parts:
+                    text = (part / name).read_text()
+                    handle.write(text if not text or text.endswith("\n") else text + "\n")
+                    counts[name] = counts.get(name, 0) + text.count("\n") + (
+                        1 if text and not text.endswith("\n") else 0)
+        write_json(tmp / "report.json", {"mix": [str(p) for p in parts], "counts": counts})
+    return counts
 
 
 def tiny_model_args(suite: Suite, model: str) -> str:

@@ -153,17 +153,24 @@ def test_partial_checkpoint_is_never_resumed(sft_model: Path, synthetic_data: Pa
     assert (out / "model" / "model.safetensors").is_file()
 
 
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_port", "29533", "-m", "halos"],
+    "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+                  "--master_port", "29534", "--module", "halos"],
+}
+
+
 @pytest.mark.slow
-def test_zero3_on_two_cpu_processes_trains(sft_model: Path, synthetic_data: Path,
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_zero3_on_two_cpu_processes_trains(launcher: str, sft_model: Path, synthetic_data: Path,
                                            reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "zero3"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29533", "-m", "halos"]
     fast = list(FAST)
     fast[fast.index("--deepspeed") + 1] = "zero3"
     run_halos("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data,
               "--ref-logps", reference, "--out", out, *fast, "--max-steps", "6",
-              "--learning-rate", "1e-4", launcher=torchrun)
+              "--learning-rate", "1e-4", launcher=LAUNCHERS[launcher])
     summary = json.loads((out / "model" / "halos_training.json").read_text())
     assert summary["world_size"] == 2
     log = metrics(out, "train")
