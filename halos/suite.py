@@ -17,6 +17,7 @@ Errors name the file, the table and the row.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +80,7 @@ class Suite:
         return self.losses[loss]["class"]
 
     def needs_reference(self, loss: str) -> bool:
-        from halos.losses import LOSSES
-
-        return LOSSES[self.loss_class(loss)].needs_reference
+        return loss_registry()[self.loss_class(loss)]["needs_reference"]
 
     def is_reward_model(self, loss: str) -> bool:
         return self.loss_class(loss) == REWARD_MODEL_CLASS
@@ -97,10 +96,38 @@ class Suite:
 
 # ------------------------------------------------------------------------------------ loading
 
-def load_suite(path: str | Path | None = None) -> Suite:
-    """Read and validate a suite file and its three tables; expand the runs."""
+def loss_registry() -> dict[str, dict]:
+    """What the DAG needs from `halos.losses.LOSSES`: {name: {needs_reference, batch_kind,
+    model_head, hyperparameters}}. Importing the registry imports torch (seconds), so the answer
+    is cached in the temp dir under a hash of the loss modules' source: planning stays fast and
+    the cache can never be stale."""
+    import hashlib
+    import json
+    import tempfile
+
+    sources = sorted((REPO_ROOT / "halos" / "losses").glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources))
+    cache = Path(tempfile.gettempdir()) / f"halos-losses-{digest.hexdigest()[:16]}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except ValueError:
+            pass  # a half-written cache from a concurrent writer: recompute
     from halos.losses import LOSSES
 
+    info = {name: {"needs_reference": cls.needs_reference, "batch_kind": cls.batch_kind,
+                   "model_head": cls.model_head,
+                   "hyperparameters": {k: repr(p.default) for k, p in cls.hyperparameters().items()}}
+            for name, cls in LOSSES.items()}
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, cache)
+    return info
+
+
+def load_suite(path: str | Path | None = None) -> Suite:
+    """Read and validate a suite file and its three tables; expand the runs."""
+    LOSSES = loss_registry()
     path = Path(path or DEFAULT_SUITE)
     spec = _validated(_read_yaml(path, "suite file"), "suite", f"suite file {path}")
     tables = {kind: (path.parent / spec["tables"][kind]).resolve() for kind in TABLES}
@@ -223,7 +250,7 @@ def _short(text: str) -> str:
 
 
 def _check_losses(losses: dict[str, dict], path: Path, pending: set[str]) -> None:
-    from halos.losses import LOSSES
+    LOSSES = loss_registry()
 
     for name, row in losses.items():
         where = f"losses table {path}, row {name!r}"
@@ -233,10 +260,10 @@ def _check_losses(losses: dict[str, dict], path: Path, pending: set[str]) -> Non
                 continue
             raise SuiteError(f"{where}: loss class {cls!r} is not registered; choose from "
                              f"{sorted(LOSSES)} (or list the row under `pending:` in the suite)")
-        known = LOSSES[cls].hyperparameters()
+        known = LOSSES[cls]["hyperparameters"]
         unknown = sorted(set(row.get("params", {})) - set(known))
         if unknown:
-            valid = ", ".join(f"{k}={p.default!r}" for k, p in known.items()) or "none"
+            valid = ", ".join(f"{k}={v}" for k, v in known.items()) or "none"
             raise SuiteError(f"{where}: class {cls!r} has no hyperparameter(s) {unknown}; "
                              f"valid: {valid}")
         if (cls == SFT) != (name == SFT):
