@@ -546,8 +546,13 @@ def sample_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
                      "n": sample.get("n", 200)})
 
 
+def preference_ref(suite: Suite, model: str, dataset: str, loss: str) -> str | None:
+    """The implicit reward of a reference-based loss is measured against its own reference."""
+    return None if suite.is_reward_model(loss) else reference_file(suite, model, dataset, loss)
+
+
 def preference_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
-    ref = None if suite.is_reward_model(loss) else reference_file(suite, model, dataset, loss)
+    ref = preference_ref(suite, model, dataset, loss)
     return cli_args({"model": f"results/{model}/{dataset}/{loss}/model",
                      "data": data_dir(dataset), "ref_logps": ref,
                      "out": f"results/{model}/{dataset}/{loss}/eval/preference.json"})
@@ -600,7 +605,10 @@ def launcher(suite: Suite, model: str, threads: int) -> str:
     if nodes == 1:
         return (f"env OMP_NUM_THREADS={per_proc} torchrun --standalone --nproc_per_node {gpus} "
                 f"-m halos")
-    return (f"env OMP_NUM_THREADS={per_proc} srun --ntasks-per-node=1 torchrun --nnodes {nodes} "
+    # Nested in the job step that runs this shell (the slurm-jobstep executor's `srun -n1`):
+    # --overlap shares that step's resources; one torchrun per node spawns the GPU processes.
+    return (f"env OMP_NUM_THREADS={per_proc} srun --overlap --nodes {nodes} --ntasks-per-node=1 "
+            f"torchrun --nnodes {nodes} "
             f"--nproc_per_node {gpus} --rdzv_backend c10d --rdzv_id $SLURM_JOB_ID "
             f"--rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 "
             f"-m halos")
@@ -613,10 +621,10 @@ def threads(suite: Suite, model: str) -> int:
 def resources(suite: Suite, model: str, stage: str) -> dict[str, Any]:
     """Slurm/local resources of a job: `train` (all nodes), `infer` (ref-logps, sampling,
     evals: one node), `cpu` (judge, data, report)."""
-    row = suite.models[model]
     if stage == "cpu":
         return {"mem_mb": 4000, "runtime": 60, "nodes": 1, "gres": "", "cpus_per_task": 1,
                 "slurm_extra": ""}
+    row = suite.models[model]
     train = stage == "train"
     nodes = row["nodes"] if train else 1
     extra = [row.get("slurm_extra", "")]

@@ -148,9 +148,13 @@ def test_partial_checkpoint_is_never_resumed(sft_model: Path, synthetic_data: Pa
     (out / "checkpoints" / "step_3.partial").mkdir(parents=True)
     (out / "checkpoints" / "step_3.partial" / "garbage").write_text("half-written")
     result = run_halos(*_align_command(sft_model, synthetic_data, reference, out)[3:],
-                       "--max-steps", "2", "--save-every", "0")
+                       "--max-steps", "2", "--save-every", "0", "--eval-every", "1",
+                       "--tensorboard")
     assert "resumed" not in result.stdout + result.stderr
     assert (out / "model" / "model.safetensors").is_file()
+    # Periodic held-out eval, and the TensorBoard sink beside the JSONL log.
+    assert [r["step"] for r in metrics(out, "eval")] == [1, 2]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 LAUNCHERS = {
@@ -189,8 +193,9 @@ def test_every_shipped_deepspeed_config_trains(config: str, sft_model: Path,
                                                synthetic_data: Path, tmp_path: Path) -> None:
     fast = list(FAST)
     fast[fast.index("--deepspeed") + 1] = config
+    checkpointing = ["--activation-checkpointing"] if config == "zero2" else []
     run_halos("sft", "--model", sft_model, "--data", synthetic_data, "--out", tmp_path, *fast,
-              "--max-steps", "2", "--gradient-accumulation-steps", "2")
+              "--max-steps", "2", "--gradient-accumulation-steps", "2", *checkpointing)
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert [r["step"] for r in metrics(tmp_path, "train")] == [1, 2]
 

@@ -99,7 +99,7 @@ def tidy_results(results: dict) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for task, values in (results.get("results") or {}).items():
         keyed = [(k.split(",", 1)[0], k.split(",", 1)[1] if "," in k else "none", v)
-                 for k, v in values.items() if k != "alias" and k != "name"]
+                 for k, v in values.items() if k not in ("alias", "name", "sample_len")]
         filters: dict[str, set[str]] = {}
         for metric, flt, _ in keyed:
             filters.setdefault(metric, set()).add(flt)

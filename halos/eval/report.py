@@ -1,0 +1,231 @@
+"""`halos report`: every model's eval JSONs → results/leaderboard.{md,csv} and results/plots/.
+
+One row per results/{model}/{dataset}/{loss}/ that has an eval/ folder with outputs:
+
+* eval/judge.json (or the only eval/judge_*.json): win rate against the baseline (SFT) with its
+  90% interval and sign-test p-value; `p_holm` is Holm-corrected over the losses compared with
+  the baseline within each model × dataset. Other judge_*.json files add `win_rate_<name>`.
+* eval/preference.json: reward and log-prob accuracy on held-out pairs.
+* eval/lm_eval.json: one column per task metric (`task/metric`).
+
+Missing values are blank. The baseline's own judge score comes from its siblings' judge files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from halos.eval import stats
+
+BASE_COLUMNS = ["model", "size", "dataset", "loss", "judge", "n", "win_rate", "ci90_lo",
+                "ci90_hi", "p_value", "p_holm", "judge_score", "win_rate_vs_chosen",
+                "reward_accuracy", "reward_margin", "logp_accuracy", "logp_margin"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun the eval that writes it") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def _judge_files(eval_dir: Path) -> tuple[Path | None, dict[str, Path]]:
+    files = sorted(eval_dir.glob("judge*.json"))
+    primary = eval_dir / "judge.json"
+    if primary.is_file():
+        extra = {p.stem[len("judge_"):]: p for p in files if p != primary and p.stem.startswith("judge_")}
+        return primary, extra
+    if len(files) == 1:
+        return files[0], {}
+    return None, {p.stem[len("judge_"):]: p for p in files if p.stem.startswith("judge_")}
+
+
+def collect_rows(results: str | Path, baseline_loss: str = "sft") -> list[dict]:
+    from halos.eval.models import parameter_count
+
+    root = Path(results)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--results {str(root)!r}: no such folder")
+    rows: list[dict] = []
+    for eval_dir in sorted(root.glob("*/*/*/eval")):
+        if not eval_dir.is_dir():
+            continue
+        loss_dir = eval_dir.parent
+        primary, extra = _judge_files(eval_dir)
+        preference = eval_dir / "preference.json"
+        lm_eval = eval_dir / "lm_eval.json"
+        if primary is None and not extra and not preference.is_file() and not lm_eval.is_file():
+            continue
+        row: dict = {"model": loss_dir.parent.parent.name, "dataset": loss_dir.parent.name,
+                     "loss": loss_dir.name}
+        size = parameter_count(loss_dir / "model") if (loss_dir / "model").is_dir() else None
+        row["size"] = size
+        if primary is not None:
+            judged = _read_json(primary)
+            ci = judged.get("ci90") or [None, None]
+            row.update(judge=judged.get("judge"), n=judged.get("n"),
+                       win_rate=judged.get("win_rate"), ci90_lo=ci[0], ci90_hi=ci[1],
+                       p_value=judged.get("p_value"), judge_score=judged.get("judge_score"),
+                       _baseline_score=judged.get("baseline_score"))
+            chosen = judged.get("against_chosen") or {}
+            row["win_rate_vs_chosen"] = chosen.get("win_rate")
+        for name, path in extra.items():
+            judged = _read_json(path)
+            row[f"win_rate_{name}"] = judged.get("win_rate")
+            ci = judged.get("ci90") or [None, None]
+            row[f"ci90_lo_{name}"], row[f"ci90_hi_{name}"] = ci[0], ci[1]
+        if preference.is_file():
+            pref = _read_json(preference)
+            for key in ("reward_accuracy", "reward_margin", "logp_accuracy", "logp_margin"):
+                row[key] = pref.get(key)
+        if lm_eval.is_file():
+            for task, metrics in (_read_json(lm_eval).get("tasks") or {}).items():
+                for metric, value in (metrics or {}).items():
+                    row[f"{task}/{metric}"] = value
+        rows.append(row)
+    _fill_baseline_scores(rows, baseline_loss)
+    _holm(rows, baseline_loss)
+    rows.sort(key=lambda r: (r["dataset"], r["size"] or 0, r["model"],
+                             r["loss"] != baseline_loss, r["loss"]))
+    return rows
+
+
+def _fill_baseline_scores(rows: list[dict], baseline_loss: str) -> None:
+    """The baseline has no judge.json of its own; its judge score is in its siblings'."""
+    for row in rows:
+        if row["loss"] != baseline_loss or row.get("judge_score") is not None:
+            continue
+        scores = [r.get("_baseline_score") for r in rows if r["model"] == row["model"]
+                  and r["dataset"] == row["dataset"] and r.get("_baseline_score") is not None]
+        if scores:
+            row["judge_score"] = scores[0]
+            row["judge"] = next(r.get("judge") for r in rows if r["model"] == row["model"]
+                                and r["dataset"] == row["dataset"]
+                                and r.get("_baseline_score") is not None)
+
+
+def _holm(rows: list[dict], baseline_loss: str) -> None:
+    families: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["loss"] != baseline_loss and row.get("p_value") is not None:
+            families.setdefault((row["model"], row["dataset"]), []).append(row)
+    for family in families.values():
+        for row, adjusted in zip(family, stats.holm([r["p_value"] for r in family]), strict=True):
+            row["p_holm"] = adjusted
+
+
+def columns(rows: list[dict]) -> list[str]:
+    extra = sorted({k for r in rows for k in r if k not in BASE_COLUMNS and not k.startswith("_")
+                    and "/" not in k})
+    lm = sorted({k for r in rows for k in r if "/" in k})
+    return BASE_COLUMNS + extra + lm
+
+
+def _csv_value(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    from halos.io import atomic_file
+
+    cols = columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(cols)
+    for row in rows:
+        writer.writerow([_csv_value(row.get(c)) for c in cols])
+    with atomic_file(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def human_size(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _f(value, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _p(value) -> str:
+    if value is None:
+        return ""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def markdown(rows: list[dict], baseline_loss: str, plots: list[Path], out: Path) -> str:
+    lm_cols = [c for c in columns(rows) if "/" in c and not c.endswith("_stderr")]
+    extra_judges = sorted({k[len("win_rate_"):] for r in rows for k in r
+                           if k.startswith("win_rate_") and k != "win_rate_vs_chosen"})
+    header = (["model", "size", "dataset", "loss", f"win rate vs {baseline_loss} (90% CI)",
+               "p (Holm)", "judge score", "win rate vs chosen"]
+              + [f"win rate [{j}]" for j in extra_judges]
+              + ["reward acc", "log-prob acc"] + lm_cols)
+    lines = [
+        "# Leaderboard", "",
+        f"Win rate of each model's samples against the `{baseline_loss}` model of the same base "
+        "model and dataset, as judged pairwise (ties count as half a win); the interval is the "
+        f"{stats.CI_NOTE}. p: {stats.P_VALUE_NOTE}, Holm-corrected over the losses compared with "
+        f"`{baseline_loss}` within each model × dataset. **bold** = the interval excludes 0.5. "
+        "Judge score = the judge's absolute score of the model's own samples (for the synthetic "
+        "judge: the fraction of correct answers).", "",
+        "Reward accuracy (held-out implicit rewards) alone can look excellent while the policy got "
+        "worse: read it beside the judged columns.", "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|",
+    ]
+    for r in rows:
+        win = ""
+        if r.get("win_rate") is not None:
+            win = f"{r['win_rate']:.3f} [{_f(r.get('ci90_lo'))}, {_f(r.get('ci90_hi'))}]"
+            lo, hi = r.get("ci90_lo"), r.get("ci90_hi")
+            if lo is not None and hi is not None and (lo > 0.5 or hi < 0.5):
+                win = f"**{win}**"
+        cells = [r["model"], human_size(r.get("size")), r["dataset"], r["loss"], win,
+                 _p(r.get("p_holm")), _f(r.get("judge_score")), _f(r.get("win_rate_vs_chosen"))]
+        cells += [_f(r.get(f"win_rate_{j}")) for j in extra_judges]
+        cells += [_f(r.get("reward_accuracy")), _f(r.get("logp_accuracy"))]
+        cells += [_f(r.get(c)) for c in lm_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    if plots:
+        lines += ["", "## Plots", ""]
+        for plot in plots:
+            rel = plot.relative_to(out.parent) if plot.is_relative_to(out.parent) else plot
+            lines += [f"![{plot.stem}]({rel.as_posix()})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def report(results: str | Path, out: str | Path, baseline_loss: str = "sft",
+           plots_dir: str | Path | None = None) -> dict:
+    from halos.eval.plots import make_plots
+    from halos.io import atomic_file
+
+    out = Path(out)
+    if out.suffix != ".md":
+        raise ValueError(f"--out {str(out)!r}: expected a .md file (the .csv is written beside it)")
+    rows = collect_rows(results, baseline_loss)
+    if not rows:
+        raise ValueError(f"--results {str(results)!r}: no results/{{model}}/{{dataset}}/{{loss}}/"
+                         f"eval/ folder with preference.json, judge*.json or lm_eval.json")
+    plots_dir = Path(plots_dir) if plots_dir else out.parent / "plots"
+    plots = make_plots(rows, plots_dir, baseline_loss)
+    write_csv(rows, out.with_suffix(".csv"))
+    with atomic_file(out) as handle:
+        handle.write(markdown(rows, baseline_loss, plots, out))
+    return {"rows": len(rows), "markdown": str(out), "csv": str(out.with_suffix(".csv")),
+            "plots": [str(p) for p in plots]}

@@ -1,0 +1,48 @@
+# Load the suite once; everything else lives in halos/suite.py (unit-tested without Snakemake).
+import sys
+
+import halos.suite as hs
+
+SUITE = hs.load_suite(config.get("suite") or hs.DEFAULT_SUITE)
+for _loss, _why in SUITE.pending.items():
+    print(f"[suite {SUITE.name}] loss row {_loss!r} left out: {_why}", file=sys.stderr)
+
+
+wildcard_constraints:
+    model=hs.wildcard_pattern(SUITE.models),
+    dataset=hs.wildcard_pattern(SUITE.datasets),
+    loss=hs.wildcard_pattern(SUITE.losses),
+
+
+localrules:
+    all,
+    mix_data,
+    eval_judge,
+    report,
+
+
+def resources(stage):
+    """`resources: **resources("train")`: each value read from the model's row per job."""
+    keys = ("mem_mb", "runtime", "nodes", "gres", "cpus_per_task", "slurm_extra")
+    if stage == "cpu":
+        return hs.resources(None, None, "cpu")
+    return {
+        k: (lambda wc, k=k: hs.resources(SUITE, wc.model, stage)[k]) for k in keys
+    }
+
+
+def model_threads(wildcards):
+    return hs.threads(SUITE, wildcards.model)
+
+
+def launch(wildcards, threads):
+    return hs.launcher(SUITE, wildcards.model, threads)
+
+
+def run_args(function):
+    """params: args=run_args(hs.align_args) -> function(SUITE, model, dataset, loss)."""
+    return lambda wc: function(SUITE, wc.model, wc.dataset, wc.loss)
+
+
+def run_inputs(function):
+    return lambda wc: function(SUITE, wc.model, wc.dataset, wc.loss)

@@ -1,0 +1,41 @@
+# Stage 3: reference log-probs, once per model x dataset, shared by every reference-based loss:
+# of the SFT model (ref_logps.pt, for from_sft rows) or of the base model (ref_logps_base.pt).
+
+
+rule ref_logps:
+    input:
+        model="results/{model}/{dataset}/sft/model",
+        data="data/{dataset}",
+    output:
+        "results/{model}/{dataset}/ref_logps.pt",
+    log:
+        "logs/ref_logps/{model}/{dataset}.log",
+    benchmark:
+        "logs/ref_logps/{model}/{dataset}.benchmark.tsv"
+    params:
+        launch=launch,
+        args=lambda wc: hs.ref_args(SUITE, wc.model, wc.dataset, base=False),
+    threads: model_threads
+    resources:
+        **resources("infer"),
+    shell:
+        "{params.launch} ref-logps {params.args} > {log} 2>&1"
+
+
+rule ref_logps_base:
+    input:
+        unpack(lambda wc: {"data": hs.data_dir(wc.dataset), "model": hs.local_model_inputs(SUITE, wc.model)}),
+    output:
+        "results/{model}/{dataset}/ref_logps_base.pt",
+    log:
+        "logs/ref_logps_base/{model}/{dataset}.log",
+    benchmark:
+        "logs/ref_logps_base/{model}/{dataset}.benchmark.tsv"
+    params:
+        launch=launch,
+        args=lambda wc: hs.ref_args(SUITE, wc.model, wc.dataset, base=True),
+    threads: model_threads
+    resources:
+        **resources("infer"),
+    shell:
+        "{params.launch} ref-logps {params.args} > {log} 2>&1"
