@@ -25,8 +25,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 # Options that make no sense for a command are not offered by it.
 _NOT_FOR = {
-    "sft": {"loss", "loss_params", "ref_logps", "reference_model"},
-    "align": {"loss_params"},
+    "sft": {"loss", "loss_params", "ref_logps", "reference_model", "ref_views", "ref_splits"},
+    "align": {"loss_params", "ref_views", "ref_splits"},
     "ref-logps": {"loss", "loss_params", "ref_logps", "reference_model", "epochs", "max_steps",
                   "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_betas",
                   "warmup_steps", "lr_schedule", "max_grad_norm", "activation_checkpointing",

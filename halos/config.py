@@ -35,6 +35,9 @@ class TrainConfig:
     ref_logps: str = _opt("", "reference log-probs file from `halos ref-logps` (reference-based losses)")
     reference_model: str = _opt("", "checkpoint the --ref-logps file must come from (default: --model)")
     chat_template: str = _opt("", "chat template name or Jinja text overriding the tokenizer's")
+    ref_views: str = _opt("paired,unpaired", "ref-logps: which views of the data to score "
+                          "(paired pairs; unpaired completions + KTO's mismatched KL pairs)")
+    ref_splits: str = _opt("train,test", "ref-logps: which splits to score (test: every row)")
     # --- data
     max_length: int = _opt(512, "maximum prompt+response tokens per sequence")
     max_prompt_length: int = _opt(256, "prompts are left-truncated to this many tokens first")

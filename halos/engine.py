@@ -142,15 +142,22 @@ def build_engine(module: torch.nn.Module, ds: dict[str, Any], cfg: TrainConfig |
         return engine
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    # The fused kernel is several times faster than the per-tensor loop, on CPU as on GPU.
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=_fused_adam_ok(module))
     schedule = lr_lambda(cfg, total_steps)
     # A callable: DeepSpeed builds the scheduler on the optimizer it wraps (ZeRO-3 regroups params).
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds,
         lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
     return engine
+
+
+def _fused_adam_ok(module: torch.nn.Module) -> bool:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                for p in params)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):

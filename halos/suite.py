@@ -188,7 +188,7 @@ def expand_runs(spec: dict, suite: Suite) -> list[Run]:
     excludes = spec.get("exclude", [])
     for rule in excludes:
         for key, value in rule.items():
-            table = getattr(suite, key + "s")
+            table = getattr(suite, {"model": "models", "dataset": "datasets", "loss": "losses"}[key])
             for name in [value] if isinstance(value, str) else value:
                 if name not in table:
                     raise SuiteError(f"suite file {suite.path}: exclude {rule} names {key} "
@@ -233,11 +233,8 @@ def _validated(data: Any, kind: str, where: str) -> dict:
     try:
         validate(data, str(_schema_path(kind)))
     except WorkflowError as err:
-        cause = err.args[0] if err.args else err
-        detail = cause
-        for arg in err.args:
-            if isinstance(arg, jsonschema.ValidationError):
-                detail = arg
+        # snakemake wraps jsonschema's error (the one naming the field) as the last context.
+        detail = err.__cause__ or err.__context__
         if isinstance(detail, jsonschema.ValidationError):
             at = "/".join(str(p) for p in detail.absolute_path) or "(row)"
             raise SuiteError(f"{where}: {at}: {detail.message}") from err
@@ -530,7 +527,9 @@ def eval_files(suite: Suite, run: Run) -> list[str]:
     files = [f"{out}/preference.json"] if ev.get("preference", True) else []
     if suite.is_reward_model(run.loss):
         return files  # a reward model is scored on preference pairs only; it does not generate
-    if ev.get("judge"):
+    if ev.get("judge") and run.loss != SFT:
+        # The SFT model's samples are the baseline of every judge file (its own score is the
+        # judges' baseline_score); judging it against itself says nothing.
         files.append(f"{out}/judge.json")
     if ev.get("lm_eval"):
         files.append(f"{out}/lm_eval.json")
@@ -543,7 +542,7 @@ def sample_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
                      "prompts": f"{data_dir(dataset)}/{suite.datasets[dataset]['prompts']}",
                      "out": f"results/{model}/{dataset}/{loss}/eval/samples.jsonl",
                      "temperature": sample.get("temperature", 0), "seed": sample.get("seed", 0),
-                     "n": sample.get("n", 200)})
+                     "n": sample.get("n", 200), "max_new_tokens": sample.get("max_new_tokens", 48)})
 
 
 def preference_ref(suite: Suite, model: str, dataset: str, loss: str) -> str | None:
@@ -555,6 +554,7 @@ def preference_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
     ref = preference_ref(suite, model, dataset, loss)
     return cli_args({"model": f"results/{model}/{dataset}/{loss}/model",
                      "data": data_dir(dataset), "ref_logps": ref,
+                     "examples": suite.eval.get("preference_examples", 400),
                      "out": f"results/{model}/{dataset}/{loss}/eval/preference.json"})
 
 

@@ -163,8 +163,9 @@ def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int
     cfg = dataclasses.replace(cfg, eval_examples=0)  # every held-out row: runs may use any prefix
     unique: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}
     first = json.loads((Path(cfg.data) / "train.jsonl").open().readline() or "{}")
-    kinds = ["paired", "unpaired"] if "chosen" in first else ["unpaired"]
-    for split in ("train", "test"):
+    views = _choices(cfg.ref_views, {"paired", "unpaired"}, "--ref-views")
+    kinds = [k for k in ("paired", "unpaired") if k in views and ("chosen" in first or k != "paired")]
+    for split in _choices(cfg.ref_splits, {"train", "test"}, "--ref-splits"):
         if not (Path(cfg.data) / f"{split}.jsonl").is_file():
             continue
         for kind in kinds:
@@ -172,6 +173,14 @@ def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int
             for prompt, response in view.sequences():
                 unique[(tuple(prompt), tuple(response))] = None
     return [(list(p), list(r)) for p, r in unique]
+
+
+def _choices(value: str, allowed: set[str], option: str) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - allowed)
+    if unknown or not chosen:
+        raise ConfigError(f"{option} {value!r}: choose a comma-separated subset of {sorted(allowed)}")
+    return chosen
 
 
 def _gather(results: list, world: int) -> list:

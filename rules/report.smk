@@ -16,4 +16,5 @@ rule report:
     resources:
         **resources("cpu"),
     shell:
-        "env OMP_NUM_THREADS=1 halos report --results results --out {output.md} > {log} 2>&1"
+        "env OMP_NUM_THREADS=1 halos report --results results --out {output.md} --plots {output.plots}"
+        " > {log} 2>&1"

@@ -6,6 +6,7 @@ without training anything."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -16,6 +17,9 @@ def option(argv, name):
 def main(argv):
     with open(os.environ["FAKE_HALOS_LOG"], "a") as log:
         log.write(" ".join(argv) + "\n")
+    hang = os.environ.get("FAKE_HALOS_HANG")
+    if hang and hang in " ".join(argv):
+        time.sleep(600)  # a job to kill midway
     out = Path(option(argv, "--out"))
     command = argv[0] if argv[0] not in ("data", "eval") else " ".join(argv[:2])
     if command in ("sft", "align"):

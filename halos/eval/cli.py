@@ -11,6 +11,7 @@
                  --out lm_eval.json [--apply-chat-template] [--limit N] [--batch-size 8]
                  [--num-fewshot K] [--seed 0]
     halos report --results results --out results/leaderboard.md [--baseline-loss sft]
+                 [--plots DIR] [--require-win dpo,kto]
 
 Each function takes the arguments after the command word and returns an exit code; bad input
 raises ValueError / FileNotFoundError with a message naming the option (the CLI prints it and
@@ -154,10 +155,13 @@ def main_report(argv: Sequence[str]) -> int:
     parser.add_argument("--out", default="results/leaderboard.md")
     parser.add_argument("--baseline-loss", default="sft", help="the loss others are judged against")
     parser.add_argument("--plots", help="plot folder (default: plots/ beside --out)")
+    parser.add_argument("--require-win", help="comma-separated losses that must beat the "
+                        "baseline (90%% CI above 0.5) in every judged row, else exit 2 (for CI)")
     args = parser.parse_args(list(argv))
     from halos.eval.report import report
 
-    made = report(args.results, args.out, args.baseline_loss, args.plots)
+    required = [x.strip() for x in (args.require_win or "").split(",") if x.strip()]
+    made = report(args.results, args.out, args.baseline_loss, args.plots, required)
     print(f"[halos] leaderboard of {made['rows']} rows -> {made['markdown']}, {made['csv']}; "
           f"{len(made['plots'])} plots", flush=True)
     return 0

@@ -149,6 +149,9 @@ def run_lm_eval(model_dir: str | Path, tasks: str | list[str], *, apply_chat_tem
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size, device=device,
               dtype="float32" if device == "cpu" else "auto")
+    generation_config = getattr(lm.model, "generation_config", None)
+    if generation_config is not None:  # lm-eval sets max_length; a saved max_new_tokens would win
+        generation_config.max_new_tokens = None
     manager = TaskManager(include_defaults=not all_local)
     results = simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit,
                               num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,

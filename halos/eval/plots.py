@@ -123,8 +123,7 @@ def winrate_heatmap(rows: list[dict], path: Path, baseline: str) -> Path | None:
     width = max(4.5, 1.1 * len(losses) + 2.5)
     fig, axes = plt.subplots(1, len(datasets), figsize=(width * len(datasets), 0.8 * len(models) + 2),
                              squeeze=False)
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
     image = None
     for ax, dataset in zip(axes[0], datasets, strict=True):
         grid = np.full((len(models), len(losses)), np.nan)
@@ -156,52 +155,63 @@ def winrate_heatmap(rows: list[dict], path: Path, baseline: str) -> Path | None:
 
 
 def reward_accuracy(rows: list[dict], path: Path, baseline: str) -> Path | None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     have = [r for r in rows if r.get("reward_accuracy") is not None
             or r.get("logp_accuracy") is not None]
     if not have:
         return None
     plt = _plt()
     datasets = _datasets(have)
-    models = _models(have)
-    losses = _losses(have, baseline, judged_only=False)
-    width = max(6.0, 0.9 * len(losses) * max(1, len(models)) ** 0.5 + 2.5)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(width * len(datasets), 4.6), squeeze=False)
+    all_models = _models(have)
     colors = plt.get_cmap("tab10")
-    bar = 0.8 / max(1, len(models))
-    for ax, dataset in zip(axes[0], datasets, strict=True):
+    panels = []
+    for dataset in datasets:
+        here = [r for r in have if r["dataset"] == dataset]
+        panels.append((dataset, here, [m for m in all_models if any(r["model"] == m for r in here)],
+                       _losses(here, baseline, judged_only=False)))
+    widths = [max(3.5, 0.35 * len(losses) * len(models) + 1.5) for _, _, models, losses in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 2.5, 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    any_hatched = any_judged = False
+    for ax, (dataset, here, models, losses) in zip(axes[0], panels, strict=True):
+        bar = 0.8 / len(models)
         for k, model in enumerate(models):
-            xs, acc, kinds, scores = [], [], [], []
+            color = colors(all_models.index(model) % 10)
             for j, loss in enumerate(losses):
-                r = next((r for r in have if r["dataset"] == dataset and r["model"] == model
-                          and r["loss"] == loss), None)
+                r = next((r for r in here if r["model"] == model and r["loss"] == loss), None)
                 if r is None:
                     continue
-                value = r.get("reward_accuracy")
-                kinds.append(value is None)
-                value = r.get("logp_accuracy") if value is None else value
-                xs.append(j - 0.4 + bar * (k + 0.5))
-                acc.append(value)
-                scores.append(r.get("judge_score"))
-            bars = ax.bar(xs, acc, width=bar * 0.95, color=colors(k % 10), alpha=0.85,
-                          label=f"{model}: reward accuracy")
-            for rect, logp_only in zip(bars, kinds, strict=True):
-                if logp_only:  # no reference: the policy's own log-prob ranking
-                    rect.set_hatch("//")
-            judged = [(x, s) for x, s in zip(xs, scores, strict=True) if s is not None]
-            if judged:
-                ax.scatter([x for x, _ in judged], [s for _, s in judged], marker="D", s=46,
-                           color="black", edgecolor="white", zorder=3,
-                           label="judge score" if k == 0 else None)
+                x = j - 0.4 + bar * (k + 0.5)
+                value, hatch = r.get("reward_accuracy"), None
+                if value is None:  # no reference: the policy's own log-prob ranking
+                    value, hatch = r.get("logp_accuracy"), "//"
+                    any_hatched = True
+                ax.bar([x], [value], width=bar * 0.92, color=color, alpha=0.85, hatch=hatch,
+                       edgecolor="white")
+                if r.get("judge_score") is not None:
+                    any_judged = True
+                    ax.scatter([x], [r["judge_score"]], marker="D", s=46, color="black",
+                               edgecolor="white", zorder=3)
         ax.set_xticks(range(len(losses)))
         ax.set_xticklabels(losses, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(losses) - 0.4)
         ax.set_ylim(0, 1.05)
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-        ax.set_ylabel("held-out reward accuracy  /  judge score")
-        ax.set_title(f"{dataset}: reward accuracy (bars) vs judge score (◆)")
+        ax.set_title(f"{dataset}")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.text(0.01, -0.02, "hatched bar: no reference log-probs, the policy's own log-prob accuracy",
-             fontsize=8, color="grey")
+    axes[0][0].set_ylabel("held-out reward accuracy (bars)\njudge score (◆)")
+    handles = [Patch(color=colors(i % 10), alpha=0.85, label=m) for i, m in enumerate(all_models)]
+    if any_hatched:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
+                             label="log-prob accuracy\n(no reference)"))
+    if any_judged:
+        handles.append(Line2D([], [], marker="D", color="black", linestyle="none",
+                              markeredgecolor="white", markersize=7, label="judge score"))
+    axes[0][-1].legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("Reward accuracy on held-out pairs vs the judge's score of the samples",
+                 fontsize=11)
     return _save(fig, path)
 
 

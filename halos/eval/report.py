@@ -210,8 +210,26 @@ def markdown(rows: list[dict], baseline_loss: str, plots: list[Path], out: Path)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def check_wins(rows: list[dict], losses: list[str], baseline_loss: str) -> None:
+    """ValueError unless every judged row of each loss in `losses` beats the baseline with a
+    90% interval above 0.5 (and each such loss has at least one judged row)."""
+    problems = []
+    for loss in losses:
+        judged = [r for r in rows if r["loss"] == loss and r.get("win_rate") is not None]
+        if not judged:
+            problems.append(f"{loss}: no judged results")
+        for r in judged:
+            if r.get("ci90_lo") is None or r["ci90_lo"] <= 0.5:
+                problems.append(f"{r['model']}/{r['dataset']}/{loss}: win rate "
+                                f"{r['win_rate']:.3f}, 90% CI [{_f(r.get('ci90_lo'))}, "
+                                f"{_f(r.get('ci90_hi'))}] does not exclude 0.5")
+    if problems:
+        raise ValueError(f"--require-win: not every listed loss beats {baseline_loss}: "
+                         + "; ".join(problems))
+
+
 def report(results: str | Path, out: str | Path, baseline_loss: str = "sft",
-           plots_dir: str | Path | None = None) -> dict:
+           plots_dir: str | Path | None = None, require_win: list[str] | None = None) -> dict:
     from halos.eval.plots import make_plots
     from halos.io import atomic_file
 
@@ -227,5 +245,7 @@ def report(results: str | Path, out: str | Path, baseline_loss: str = "sft",
     write_csv(rows, out.with_suffix(".csv"))
     with atomic_file(out) as handle:
         handle.write(markdown(rows, baseline_loss, plots, out))
+    if require_win:
+        check_wins(rows, require_win, baseline_loss)
     return {"rows": len(rows), "markdown": str(out), "csv": str(out.with_suffix(".csv")),
             "plots": [str(p) for p in plots]}

@@ -2,9 +2,9 @@
 
 Prompts go through `halos.data.tokenize` with the run's chat template and truncation (read from
 the model's halos_training.json), then get the loss's sampling suffix (CSFT's `<|good|>`).
-Batches are left-padded; generation stops at EOS. Batch b is seeded with `seed + b`, so a rerun
-with the same options writes an identical file (temperature sampling also depends on the batch
-size, greedy decoding does not).
+Batches are left-padded; generation stops at EOS. Batch b runs under
+`torch.manual_seed(seed * SEED_STRIDE + b)`, so a rerun with the same options writes an identical
+file (temperature samples also depend on the batch size; greedy decoding does not).
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""The DAG for real, with the real `halos`: the micro suite killed midway and resumed, and (slow)
+the whole default tiny suite end to end with its leaderboard."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_dag import MICRO, SNAKEFILE, dry_run, snakemake
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+
+
+def leaderboard_rows(work: Path) -> list[dict]:
+    with open(work / "results" / "leaderboard.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_micro_suite_killed_during_alignment_resumes_from_its_checkpoint(tmp_path: Path):
+    work = tmp_path / "work"
+    work.mkdir()
+    config = ("--config", f"suite={MICRO}")
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(work),
+               "--cores", "2", *config]
+    proc = subprocess.Popen(command, env=env(), cwd=work, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = work / "results/tiny-1m/synthetic/sft+dpo/checkpoints/latest"
+    deadline = time.monotonic() + 900
+    while not latest.exists():  # the dpo job has saved a checkpoint: interrupt it (Ctrl-C)
+        assert proc.poll() is None, "snakemake ended before the dpo job saved a checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)
+    assert not (work / "results/tiny-1m/synthetic/sft+dpo/model").exists()
+    assert latest.exists(), "the checkpoint must survive (it is not a declared output)"
+
+    snakemake(work, "--cores", "2", *config, env=env(), timeout=1200)
+    log = (work / "logs/align/tiny-1m/synthetic/sft+dpo.log").read_text()
+    assert "resumed from" in log, log[-2000:]
+    rows = leaderboard_rows(work)
+    assert {r["loss"] for r in rows} == {"sft", "sft+dpo", "sft+kto"}
+    assert dry_run(work, *config, env=env()) == []
+
+
+@pytest.mark.slow
+def test_tiny_suite_end_to_end(tmp_path: Path):
+    """The README's first command on a fresh directory: every run of the default suite ends
+    on the leaderboard; a rerun has nothing to do."""
+    start = time.monotonic()
+    snakemake(tmp_path, "--cores", "all", env=env(), timeout=3600)
+    print(f"tiny suite: {time.monotonic() - start:.0f} s")
+    import halos.suite as hs
+
+    suite = hs.load_suite()
+    rows = leaderboard_rows(tmp_path)
+    assert {(r["model"], r["dataset"], r["loss"]) for r in rows} == {
+        (r.model, r.dataset, r.loss) for r in suite.runs}
+    assert (tmp_path / "results/leaderboard.md").read_text().count("\n") >= len(suite.runs)
+    assert list((tmp_path / "results/plots").glob("*.png"))
+    for run in suite.runs:
+        for path in hs.eval_files(suite, run):
+            assert (tmp_path / path).is_file(), path
+    assert dry_run(tmp_path, env=env()) == []
