@@ -228,6 +228,7 @@ COMMANDS.update({
     "sample": _delegate("halos.eval.cli", "main_sample"),
     "eval": _delegate("halos.eval.cli", "main_eval"),
     "report": _delegate("halos.eval.cli", "main_report"),
+    "publish": _delegate("halos.hub.cli", "main_publish"),
 })
 
 
