@@ -44,14 +44,15 @@ def kl_partners(n: int, seed: int) -> list[int]:
 
 
 def scored_sequences(examples: list[TokenizedExample], kind: BatchKind,
-                     partners: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
+                     kl_completions: list[list[int]] | None = None
+                     ) -> list[tuple[list[int], list[int]]]:
     """Every (prompt, response) sequence a view of the data scores, in a fixed order."""
     if kind == "paired":
         return ([(e.prompt_ids, e.chosen_ids) for e in examples]
                 + [(e.prompt_ids, e.rejected_ids) for e in examples])
     seqs = [(e.prompt_ids, e.completion_ids) for e in examples]
-    if partners is not None:
-        seqs += [(e.prompt_ids, examples[j].completion_ids) for e, j in zip(examples, partners, strict=True)]
+    if kl_completions is not None:
+        seqs += [(e.prompt_ids, c) for e, c in zip(examples, kl_completions, strict=True)]
     return seqs
 
 
@@ -98,15 +99,15 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, kind: Bat
 
 
 def make_batch(examples: list[TokenizedExample], indices: list[int], kind: BatchKind, pad_id: int,
-               partners: list[int] | None = None) -> Batch:
+               kl_completions: list[list[int]] | None = None) -> Batch:
     chosen = [examples[i] for i in indices]
     if kind == "paired":
         return collate(scored_sequences(chosen, "paired"), pad_id, kind, len(chosen))
     assert all(isinstance(e, TokenizedCompletion) for e in chosen)
     batch = collate(scored_sequences(chosen, kind), pad_id, kind, len(chosen),
                     desirable=[e.desirable for e in chosen])
-    if partners is not None:
-        kl_seqs = [(examples[i].prompt_ids, examples[partners[i]].completion_ids) for i in indices]
+    if kl_completions is not None:
+        kl_seqs = [(examples[i].prompt_ids, kl_completions[i]) for i in indices]
         batch.kl = collate(kl_seqs, pad_id, kind, len(chosen))
     return batch
 

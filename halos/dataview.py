@@ -16,7 +16,8 @@ class DataView:
     examples: list[TokenizedExample]
     kind: BatchKind
     pad_id: int
-    partners: list[int] | None = None  # KL partner of each example (needs_kl_pairs losses)
+    # The mismatched completion scored with each example's prompt (needs_kl_pairs losses).
+    kl_completions: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -25,7 +26,7 @@ class DataView:
         return [example_length(e) for e in self.examples]
 
     def batch(self, indices: list[int]) -> Batch:
-        return make_batch(self.examples, indices, self.kind, self.pad_id, self.partners)
+        return make_batch(self.examples, indices, self.kind, self.pad_id, self.kl_completions)
 
     def label_counts(self) -> dict[str, int]:
         """Desirable / undesirable example counts (pairs count once each way)."""
@@ -35,7 +36,7 @@ class DataView:
         return {"desirable": desirable, "undesirable": len(self.examples) - desirable}
 
     def sequences(self) -> list[tuple[list[int], list[int]]]:
-        return scored_sequences(self.examples, self.kind, self.partners)
+        return scored_sequences(self.examples, self.kind, self.kl_completions)
 
 
 def read_split_rows(data: Path, split: str, kind: BatchKind, cfg: TrainConfig) -> list[dict]:
@@ -74,7 +75,7 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
     with_kl = loss.needs_kl_pairs if with_kl is None else with_kl
     rows = read_split_rows(Path(cfg.data), split, kind, cfg)
     limit = cfg.max_examples if split == "train" else cfg.eval_examples
-    if limit:
+    if limit and not with_kl:
         rows = rows[:limit]
     tokenize = tokenize_paired if kind == "paired" else tokenize_unpaired
     examples, report = tokenize(rows, tokenizer, max_length=cfg.max_length,
@@ -82,8 +83,15 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
                                 chat_template=cfg.chat_template or None, on_error=cfg.on_error)
     print(f"[halos] {cfg.data} {split} ({kind}): {report.summary()}", flush=True)
     examples = _with_prompt_suffix(examples, loss, tokenizer)
-    partners = kl_partners(len(examples), cfg.seed) if with_kl and len(examples) > 0 else None
-    return DataView(examples, kind, tokenizer.pad_token_id, partners)
+    kl_completions = None
+    if with_kl and examples:
+        # Partners come from the whole split, so any prefix of it (a run's --max-examples or
+        # --eval-examples) scores the same mismatched pairs as `halos ref-logps` did.
+        partners = kl_partners(len(examples), cfg.seed)
+        kl_completions = [examples[j].completion_ids for j in partners]
+        if limit:
+            examples, kl_completions = examples[:limit], kl_completions[:limit]
+    return DataView(examples, kind, tokenizer.pad_token_id, kl_completions)
 
 
 def _with_prompt_suffix(examples: list[TokenizedExample], loss: AlignmentLoss,

@@ -143,9 +143,7 @@ def load_suite(path: str | Path | None = None) -> Suite:
     _check_losses(losses, tables["losses"], set(pending))
     _check_datasets(datasets, tables["datasets"])
     _check_models(models, tables["models"], datasets)
-    if spec["publish"].get("enabled") and not spec["publish"].get("repo_prefix"):
-        raise SuiteError(f"suite file {path}: publish.enabled needs publish.repo_prefix "
-                         f"(e.g. my-org/archangel)")
+    _check_publish(spec["publish"], spec.get("name", path.stem), path)
     suite = Suite(name=spec.get("name", path.stem), path=path, tables=tables, models=models,
                   losses=losses, datasets=datasets, runs=[], pending=pending,
                   eval=spec.get("eval", {}), publish=spec.get("publish", {}))
@@ -577,9 +575,30 @@ def publish_files(suite: Suite) -> list[str]:
     return [f"{run.dir}/published.json" for run in suite.runs]
 
 
-def hub_repo(suite: Suite, run: Run) -> str:
-    prefix = suite.publish["repo_prefix"]
-    return f"{prefix}-{run.model}-{run.dataset}-{run.loss}".replace("+", "-")
+def _check_publish(publish: dict, suite_name: str, path: Path) -> None:
+    """A bad repo template fails when the suite is planned, not at upload time."""
+    if not publish.get("enabled"):
+        return
+    from halos.hub.plan import PublishError, repo_id_from_template
+
+    try:
+        repo_id_from_template(publish["repo_template"], org=publish.get("org"), suite=suite_name,
+                              model="m", dataset="d", loss="l")
+    except PublishError as err:
+        raise SuiteError(f"suite file {path}: publish: {err}") from err
+
+
+def publish_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
+    """Options of `halos publish` for one run (the template stays out of Snakemake's formatting)."""
+    publish = suite.publish
+    source = suite.models[model].get("source")
+    args = cli_args({"repo_template": publish["repo_template"], "org": publish.get("org"),
+                     "suite": suite.name, "run": f"{model}/{dataset}/{loss}",
+                     "eval_dir": f"results/{model}/{dataset}/{loss}/eval",
+                     "private": publish.get("private", True),
+                     "collection": publish.get("collection"), "revision": publish.get("revision"),
+                     "base_model": source if source and not Path(source).exists() else None})
+    return args + (" --overwrite" if publish.get("overwrite") else "")
 
 
 def final_outputs(suite: Suite) -> list[str]:

@@ -1,5 +1,6 @@
-# Stage 6 (opt-in, suite `publish: {enabled: true, repo_prefix: org/name}`): upload each run's
-# model folder to the Hugging Face Hub; published.json records where it went.
+# Stage 6 (opt-in, suite `publish: {enabled: true, org: ORG}`): upload each run's model folder
+# and its model card (with the eval results) to the Hugging Face Hub in one commit;
+# published.json records the repo, commit and file hashes. Unchanged runs make no commit.
 
 
 rule publish:
@@ -11,11 +12,9 @@ rule publish:
     log:
         "logs/publish/{model}/{dataset}/{loss}.log",
     params:
-        repo=run_args(lambda s, m, d, l: hs.hub_repo(s, hs.Run(m, d, l))),
-        private="--private" if SUITE.publish.get("private", True) else "--no-private",
+        args=run_args(hs.publish_args),
     threads: 1
     resources:
         **resources("cpu"),
     shell:
-        "hf upload {params.repo} {input.model} . {params.private} > {log} 2>&1"
-        " && printf '{{\"repo\": \"%s\"}}\\n' {params.repo} > {output}"
+        "halos publish {input.model} {params.args} --record {output} > {log} 2>&1"

@@ -444,10 +444,6 @@ def test_a_paired_loss_refuses_unpaired_data(unpaired_data: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: KL partners (halos.batching.kl_partners) depend on the number of examples, so a KTO "
-    "eval on a prefix of the test split (--eval-examples smaller than it) scores mismatched "
-    "pairs that `halos ref-logps` (which scores the whole split) never computed"))
 def test_kto_can_evaluate_on_a_prefix_of_the_test_split(sft_model: Path, pref_data: Path,
                                                         reference: Path) -> None:
     from transformers import AutoTokenizer
