@@ -128,19 +128,22 @@ def pack_logps(batch: Batch, sums: torch.Tensor, tokens: torch.Tensor, average: 
 
 
 def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, world_size: int,
-               epochs: int, seed: int, bucketing: bool) -> list[list[list[int]]]:
+               epochs: int, seed: int, bucketing: bool,
+               labels: list[bool] | None = None) -> list[list[list[int]]]:
     """steps[s][m] = example indices of microbatch m of optimizer step s.
 
     Each step holds grad_accum × world_size microbatches; rank r runs m = r, r + world, ….
     Incomplete microbatches and steps at the end of an epoch are dropped, so every rank does the
-    same number of forward passes (ZeRO needs that).
+    same number of forward passes (ZeRO needs that). With `labels` (unpaired data), bucketing
+    sorts each label by length separately and interleaves them, so that a label that is
+    systematically shorter (e.g. refusals) does not end up in single-label microbatches.
     """
     per_step = grad_accum * world_size
     steps: list[list[list[int]]] = []
     for epoch in range(epochs):
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(lengths))
-        micro = _microbatches(order, lengths, micro_batch_size, bucketing)
+        micro = _microbatches(order, lengths, micro_batch_size, bucketing, labels)
         if bucketing:
             micro = [micro[i] for i in rng.permutation(len(micro))]
         usable = len(micro) - len(micro) % per_step
@@ -148,11 +151,23 @@ def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, wo
     return steps
 
 
-def _microbatches(order: np.ndarray, lengths: list[int], size: int, bucketing: bool) -> list[list[int]]:
+def _microbatches(order: np.ndarray, lengths: list[int], size: int, bucketing: bool,
+                  labels: list[bool] | None) -> list[list[int]]:
     usable = len(order) - len(order) % size
     order = order[:usable]
     if bucketing:
         window = size * BUCKET_WINDOW
-        order = np.concatenate([sorted(order[i : i + window], key=lambda j: lengths[j])
+        order = np.concatenate([_by_length(order[i : i + window], lengths, labels)
                                 for i in range(0, usable, window)] or [order])
     return [order[i : i + size].tolist() for i in range(0, usable, size)]
+
+
+def _by_length(indices: np.ndarray, lengths: list[int], labels: list[bool] | None) -> list[int]:
+    """Sort by length; with labels, sort each label separately and spread both evenly."""
+    if labels is None:
+        return sorted(indices, key=lambda j: lengths[j])
+    groups = [sorted((j for j in indices if labels[j] == flag), key=lambda j: lengths[j])
+              for flag in (True, False)]
+    # Item k of a group of n sits at (k + ½)/n of the merged order, whatever the label ratio.
+    placed = [((k + 0.5) / len(g), j) for g in groups for k, j in enumerate(g)]
+    return [j for _, j in sorted(placed)]

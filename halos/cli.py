@@ -61,6 +61,8 @@ def _add_loss_options(parser: argparse.ArgumentParser, loss_name: str) -> list[s
     from halos.losses import get_loss_class
 
     cls = get_loss_class(loss_name)
+    if not cls.hyperparameters():
+        parser.epilog = f"loss {loss_name!r} ({cls.__name__}) has no hyperparameters."
     group = parser.add_argument_group(f"hyperparameters of loss {loss_name!r} ({cls.__name__})")
     names = []
     for name, param in cls.hyperparameters().items():

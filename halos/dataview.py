@@ -28,6 +28,12 @@ class DataView:
     def batch(self, indices: list[int]) -> Batch:
         return make_batch(self.examples, indices, self.kind, self.pad_id, self.kl_completions)
 
+    def labels(self) -> list[bool] | None:
+        """Desirable flags of unpaired examples (None for pairs and SFT targets)."""
+        if self.kind != "unpaired":
+            return None
+        return [e.desirable for e in self.examples]
+
     def label_counts(self) -> dict[str, int]:
         """Desirable / undesirable example counts (pairs count once each way)."""
         if self.kind == "paired":

@@ -407,11 +407,6 @@ def system_options(suite: Suite, model: str) -> dict[str, Any]:
     return {"deepspeed": row["deepspeed"], "precision": row["precision"], "progress": False}
 
 
-def world_size(suite: Suite, model: str) -> int:
-    row = suite.models[model]
-    return max(1, row["gpus"]) * row["nodes"]
-
-
 def batch_options(suite: Suite, model: str, loss: str) -> dict[str, int]:
     """Micro-batch size from the models table; accumulation so that the loss row's global
     batch size holds at any GPU count (or the model's default accumulation without one)."""
@@ -612,46 +607,85 @@ def report_inputs(suite: Suite) -> list[str]:
 
 # ------------------------------------------------------------------------------ launch, resources
 
-def launcher(suite: Suite, model: str, threads: int) -> str:
-    """The one place that decides how a model's job runs `halos`: one process, torchrun on one
-    node, or `srun torchrun` over the nodes of a Slurm allocation (c10d rendezvous on the first
-    host, so no per-node rank has to be computed)."""
+# How a job runs on Slurm (rules/*.smk -> snakemake-executor-plugin-slurm):
+#
+#   sbatch --nodes N --cpus-per-task C [--gres gpu:G] ...   one allocation per job
+#     srun -n1 ... snakemake (the plugin's job step) ->  the rule's shell, on the first node:
+#       1 process:     env OMP_NUM_THREADS=C halos ...
+#       P per node:    env OMP_NUM_THREADS=C/P torchrun --standalone --nproc_per_node P -m halos ...
+#       N nodes:       env OMP_NUM_THREADS=C/P srun --overlap --nodes N --ntasks N --ntasks-per-node 1
+#                        torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d
+#                        --rdzv_id $SLURM_JOB_ID --rdzv_endpoint FIRST_HOST:PORT -m halos ...
+#
+# torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for every process; the ranks
+# across nodes come from the c10d rendezvous on the first host of the allocation
+# (`scontrol show hostnames $SLURM_JOB_NODELIST | head -n1`), whose port is derived from
+# $SLURM_JOB_ID so that two jobs sharing a node do not collide. `--standalone` (one node) picks a
+# free port by itself. Only commands that join a process group (sft, align, ref-logps) go
+# multi-process; sampling and evals run one process with all the job's CPUs.
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 29500, 10000
+
+
+def processes(suite: Suite, model: str) -> int:
+    """Training processes per node: the `processes` column, else one per GPU (at least 1)."""
     row = suite.models[model]
-    gpus, nodes = row["gpus"], row["nodes"]
-    if nodes == 1 and gpus <= 1:
+    return row.get("processes") or max(1, row["gpus"])
+
+
+def world_size(suite: Suite, model: str) -> int:
+    return processes(suite, model) * suite.models[model]["nodes"]
+
+
+def launch_command(nodes: int, procs: int, threads: int) -> str:
+    """The shell prefix that runs `halos` as `procs` processes on each of `nodes` nodes."""
+    if nodes == 1 and procs == 1:
         return f"env OMP_NUM_THREADS={threads} halos"
-    per_proc = max(1, threads // max(1, gpus))
+    per_proc = max(1, threads // procs)
     if nodes == 1:
-        return (f"env OMP_NUM_THREADS={per_proc} torchrun --standalone --nproc_per_node {gpus} "
+        return (f"env OMP_NUM_THREADS={per_proc} torchrun --standalone --nproc_per_node {procs} "
                 f"-m halos")
-    # Nested in the job step that runs this shell (the slurm-jobstep executor's `srun -n1`):
-    # --overlap shares that step's resources; one torchrun per node spawns the GPU processes.
-    return (f"env OMP_NUM_THREADS={per_proc} srun --overlap --nodes {nodes} --ntasks-per-node=1 "
-            f"torchrun --nnodes {nodes} "
-            f"--nproc_per_node {gpus} --rdzv_backend c10d --rdzv_id $SLURM_JOB_ID "
-            f"--rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 "
-            f"-m halos")
+    # Nested in the job step that runs this shell (the plugin's `srun -n1`): --overlap shares
+    # that step's resources; one torchrun per node spawns the processes of its node.
+    return (f"env OMP_NUM_THREADS={per_proc} srun --overlap --nodes {nodes} --ntasks {nodes} "
+            f"--ntasks-per-node 1 torchrun --nnodes {nodes} --nproc_per_node {procs} "
+            f"--rdzv_backend c10d --rdzv_id $SLURM_JOB_ID --rdzv_endpoint "
+            f"$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):"
+            f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN})) -m halos")
+
+
+def launcher(suite: Suite, model: str, threads: int, distributed: bool = True) -> str:
+    """The one place that decides how a model's job runs `halos`: one process, torchrun on one
+    node, or `srun torchrun` over the nodes of a Slurm allocation (see the comment above).
+    `distributed=False` (sampling, evals: no process group) always runs one process."""
+    if not distributed:
+        return launch_command(1, 1, threads)
+    row = suite.models[model]
+    return launch_command(row["nodes"], processes(suite, model), threads)
 
 
 def threads(suite: Suite, model: str) -> int:
-    return suite.models[model]["cpus"]
+    """CPU cores per job and node: the `cpus` column, at least one per process."""
+    return max(suite.models[model]["cpus"], processes(suite, model))
 
 
 def resources(suite: Suite, model: str, stage: str) -> dict[str, Any]:
     """Slurm/local resources of a job: `train` (all nodes), `infer` (ref-logps, sampling,
-    evals: one node), `cpu` (judge, data, report)."""
+    evals: one node), `cpu` (judge, data, report). One task (launcher) per node: `tasks` becomes
+    sbatch --ntasks for CPU jobs; GPU jobs leave it unset (the plugin would read it as
+    --ntasks-per-gpu) and get --ntasks-per-node=1 instead."""
     if stage == "cpu":
         return {"mem_mb": 4000, "runtime": 60, "nodes": 1, "gres": "", "cpus_per_task": 1,
-                "slurm_extra": ""}
+                "tasks": 1, "slurm_extra": ""}
     row = suite.models[model]
     train = stage == "train"
     nodes = row["nodes"] if train else 1
     extra = [row.get("slurm_extra", "")]
-    if nodes > 1:
+    if nodes > 1 and row["gpus"]:
         extra.append("--ntasks-per-node=1")
     gpu = f"gpu:{row['gpu_model']}:{row['gpus']}" if row.get("gpu_model") else f"gpu:{row['gpus']}"
     return {"mem_mb": row["mem_mb"], "runtime": row["runtime"] if train else row["eval_runtime"],
-            "nodes": nodes, "gres": gpu if row["gpus"] else "", "cpus_per_task": row["cpus"],
+            "nodes": nodes, "gres": gpu if row["gpus"] else "",
+            "cpus_per_task": threads(suite, model), "tasks": None if row["gpus"] else nodes,
             "slurm_extra": " ".join(e for e in extra if e)}
 
 

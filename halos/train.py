@@ -48,7 +48,8 @@ def train(cfg: TrainConfig) -> Path:
 
     plan = plan_steps(train_data.lengths(), micro_batch_size=cfg.micro_batch_size,
                       grad_accum=cfg.gradient_accumulation_steps, world_size=world,
-                      epochs=cfg.epochs, seed=cfg.seed, bucketing=cfg.length_bucketing)
+                      epochs=cfg.epochs, seed=cfg.seed, bucketing=cfg.length_bucketing,
+                      labels=train_data.labels())
     if cfg.max_steps:
         plan = plan[: cfg.max_steps]
     if not plan:

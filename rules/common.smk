@@ -23,7 +23,7 @@ localrules:
 
 def resources(stage):
     """`resources: **resources("train")`: each value read from the model's row per job."""
-    keys = ("mem_mb", "runtime", "nodes", "gres", "cpus_per_task", "slurm_extra")
+    keys = ("mem_mb", "runtime", "nodes", "gres", "cpus_per_task", "tasks", "slurm_extra")
     if stage == "cpu":
         return hs.resources(None, None, "cpu")
     return {
@@ -35,8 +35,11 @@ def model_threads(wildcards):
     return hs.threads(SUITE, wildcards.model)
 
 
-def launch(wildcards, threads):
-    return hs.launcher(SUITE, wildcards.model, threads)
+def launch(wildcards, output, threads):
+    """hs.launcher: training and ref-logps join a process group (several processes per node
+    when the model row asks); sampling and evals (outputs under eval/) run one process."""
+    distributed = not any("/eval/" in str(f) for f in output)
+    return hs.launcher(SUITE, wildcards.model, threads, distributed=distributed)
 
 
 def run_args(function):

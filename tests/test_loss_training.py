@@ -33,7 +33,7 @@ from halos.data.prepare import read_rows
 from halos.io import write_jsonl
 from halos.losses import LOSSES
 
-EVAL_EXAMPLES = 128  # the whole test split, paired (64 pairs) and unpaired (128 rows): see below
+EVAL_EXAMPLES = 128  # the whole test split, paired (64 pairs) and unpaired (128 rows)
 TRAIN_PAIRS, TEST_PAIRS = 320, 64
 STEPS = "30"
 ALIGN = (*FAST, "--micro-batch-size", "8", "--eval-examples", str(EVAL_EXAMPLES),
@@ -444,8 +444,11 @@ def test_a_paired_loss_refuses_unpaired_data(unpaired_data: Path) -> None:
 
 
 @pytest.mark.slow
-def test_kto_can_evaluate_on_a_prefix_of_the_test_split(sft_model: Path, pref_data: Path,
-                                                        reference: Path) -> None:
+def test_kto_runs_on_prefixes_of_the_scored_splits(sft_model: Path, pref_data: Path,
+                                                   reference: Path) -> None:
+    """Regression: KTO's mismatched KL pairs of a prefix of a split (--max-examples,
+    --eval-examples smaller than the split) are among those `halos ref-logps` scored for the
+    whole split (they used to depend on the prefix length, and the run was refused)."""
     from transformers import AutoTokenizer
 
     from halos.config import TrainConfig
@@ -455,9 +458,11 @@ def test_kto_can_evaluate_on_a_prefix_of_the_test_split(sft_model: Path, pref_da
 
     kto = build_loss("kto")
     cfg = TrainConfig(model=str(sft_model), data=str(pref_data), out="unused",
-                      ref_logps=str(reference), eval_examples=64,
+                      ref_logps=str(reference), max_examples=100, eval_examples=64,
                       max_length=fast_option("--max-length"),
                       max_prompt_length=fast_option("--max-prompt-length"))
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
     views = [load_view(cfg, kto, tokenizer, split) for split in ("train", "test")]
-    open_reference(cfg, kto, views)  # raises ReferenceMismatch: KL pairs missing
+    assert [len(v) for v in views] == [100, 64]
+    assert all(v.kind == "unpaired" and len(v.sequences()) == 2 * len(v) for v in views)
+    assert open_reference(cfg, kto, views) is not None  # every KL pair is in the file
