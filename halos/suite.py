@@ -559,8 +559,13 @@ def judge_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
 
 
 def lm_eval_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
-    tasks = ",".join(suite.eval["lm_eval"]["tasks"])
+    spec = suite.eval["lm_eval"]
+    # A task YAML is named relative to the suite file, like the tables; a hub task by its name.
+    tasks = ",".join(str((suite.path.parent / t).resolve()) if t.endswith((".yaml", ".yml")) else t
+                     for t in spec["tasks"])
     return cli_args({"model": f"results/{model}/{dataset}/{loss}/model", "tasks": tasks,
+                     "apply_chat_template": spec.get("apply_chat_template", False),
+                     "limit": spec.get("limit"),
                      "out": f"results/{model}/{dataset}/{loss}/eval/lm_eval.json"})
 
 
