@@ -641,12 +641,14 @@ def world_size(suite: Suite, model: str) -> int:
     return processes(suite, model) * suite.models[model]["nodes"]
 
 
-def launch_command(nodes: int, procs: int, threads: int) -> str:
-    """The shell prefix that runs `halos` as `procs` processes on each of `nodes` nodes."""
-    if nodes == 1 and procs == 1:
+def launch_command(nodes: int, procs: int, threads: int, multinode: bool | None = None) -> str:
+    """The shell prefix that runs `halos` as `procs` processes on each of `nodes` nodes.
+    `multinode` (default: nodes > 1) picks the srun + c10d path; tests force it on one node."""
+    multinode = nodes > 1 if multinode is None else multinode
+    if not multinode and nodes == 1 and procs == 1:
         return f"env OMP_NUM_THREADS={threads} halos"
     per_proc = max(1, threads // procs)
-    if nodes == 1:
+    if not multinode:
         return (f"env OMP_NUM_THREADS={per_proc} torchrun --standalone --nproc_per_node {procs} "
                 f"-m halos")
     # Nested in the job step that runs this shell (the plugin's `srun -n1`): --overlap shares

@@ -110,8 +110,12 @@ CONF
 
 start_accounting() {
   install -d -o mysql -g mysql -m 0755 /run/mysqld
-  running /run/mysqld/mysqld.pid mariadbd || setsid mariadbd --user=mysql --bind-address=127.0.0.1 \
-    --pid-file=/run/mysqld/mysqld.pid >>"$LOGS/mariadb.log" 2>&1 </dev/null &
+  # An `if`, not `running … || mariadbd … &`: that backgrounds a subshell which keeps this
+  # script's stdout/stderr open, and a caller reading them (CI, pytest) waits forever.
+  if ! running /run/mysqld/mysqld.pid mariadbd; then
+    setsid mariadbd --user=mysql --bind-address=127.0.0.1 --pid-file=/run/mysqld/mysqld.pid \
+      >>"$LOGS/mariadb.log" 2>&1 </dev/null &
+  fi
   await 60 mariadb mariadb-admin ping
   mariadb -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
     CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASSWORD';

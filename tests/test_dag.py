@@ -68,7 +68,9 @@ def test_archangel_plans_every_job_in_seconds(tmp_path: Path):
     assert n["prepare_data"] == 3 and n["mix_data"] == 1
     assert n["sft"] == 7 and n["ref_logps"] == 7 and n["ref_logps_base"] == 7
     assert n["align"] == 7 * 8 and n["eval_preference"] == 7 * 9 and n["report"] == 1
-    assert "tiny_model" not in n and "sample" not in n  # Hub models; no judge configured
+    assert "tiny_model" not in n  # Hub models
+    # Every policy (sft + 8 aligned) is sampled and run through lm-eval; the 8 aligned are judged.
+    assert n["sample"] == n["eval_lm"] == 7 * 9 and n["eval_judge"] == 7 * 8
     print(f"archangel: {len(jobs)} jobs planned in {elapsed:.1f} s")
     assert elapsed < 120  # seconds on an idle machine; generous for shared CI cores
 
@@ -78,6 +80,7 @@ def test_tiny_suite_plans_every_stage(tmp_path: Path):
     assert n["prepare_data"] == 1 and n["tiny_model"] == 2 and n["sft"] == 2
     assert n["ref_logps"] == 2 and n["reward_model"] == 2 and n["align"] == 20
     assert n["sample"] == 22 and n["eval_judge"] == 20 and n["eval_preference"] == 24
+    assert n["eval_lm"] == 22  # the local lm-eval tasks on every policy checkpoint
 
 
 def test_lint_is_clean_but_for_conda():

@@ -233,11 +233,13 @@ def test_launcher_and_resources():
 def test_eval_files_follow_the_suite():
     suite = hs.load_suite(TINY)
     assert [Path(f).name for f in hs.eval_files(suite, hs.Run("tiny-1m", "synthetic", "sft+dpo"))] \
-        == ["preference.json", "judge.json"]
+        == ["preference.json", "judge.json", "lm_eval.json"]
     assert [Path(f).name for f in hs.eval_files(suite, hs.Run("tiny-1m", "synthetic", "sft+rm"))] \
         == ["preference.json"]
     archangel = hs.load_suite(ARCHANGEL)
-    assert [Path(f).name for f in hs.eval_files(archangel, archangel.runs[0])] == ["preference.json"]
+    sft_run = next(r for r in archangel.runs if r.loss == "sft")
+    assert [Path(f).name for f in hs.eval_files(archangel, sft_run)] == ["preference.json",
+                                                                         "lm_eval.json"]
 
 
 def test_mix_datasets(tmp_path: Path):

@@ -70,20 +70,23 @@ def winrate_vs_size(rows: list[dict], path: Path, baseline: str) -> Path | None:
     use_size = all(r.get("size") for r in judged)
     losses = _losses(judged, baseline)
     markers = "osD^v<>PX*"
+    colors = plt.get_cmap("tab10" if len(losses) <= 10 else "tab20")
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for i, loss in enumerate(losses):
             points = [r for r in judged if r["dataset"] == dataset and r["loss"] == loss]
             if not points:
                 continue
             points.sort(key=lambda r: models.index(r["model"]))
-            xs = [r["size"] if use_size else models.index(r["model"]) for r in points]
+            dodge = (i - (len(losses) - 1) / 2) * min(0.03, 0.25 / max(1, len(losses)))
+            xs = [r["size"] * 10 ** dodge if use_size else models.index(r["model"]) + dodge
+                  for r in points]
             ys = [r["win_rate"] for r in points]
             lo = [r["win_rate"] - (r.get("ci90_lo") if r.get("ci90_lo") is not None else r["win_rate"])
                   for r in points]
             hi = [(r.get("ci90_hi") if r.get("ci90_hi") is not None else r["win_rate"]) - r["win_rate"]
                   for r in points]
             ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], capsize=4,
-                        linewidth=1.8, markersize=7, label=loss)
+                        linewidth=1.8, markersize=7, label=loss, color=colors(i % colors.N))
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         ax.text(1.0, 0.5, f" = {baseline}", transform=ax.get_yaxis_transform(), va="center",
                 ha="left", color="grey", fontsize=9)
@@ -106,7 +109,7 @@ def winrate_vs_size(rows: list[dict], path: Path, baseline: str) -> Path | None:
             ax.set_xlabel("model")
         ax.set_title(f"{dataset}: judged win rate vs model size")
         ax.grid(alpha=0.3)
-        ax.legend(title="loss", fontsize=9, loc="lower right")
+        ax.legend(title="loss", fontsize=9, loc="upper left", bbox_to_anchor=(1.08, 1))
     return _save(fig, path)
 
 

@@ -181,7 +181,8 @@ def markdown(rows: list[dict], baseline_loss: str, plots: list[Path], out: Path)
         f"Win rate of each model's samples against the `{baseline_loss}` model of the same base "
         "model and dataset, as judged pairwise (ties count as half a win); the interval is the "
         f"{stats.CI_NOTE}. p: {stats.P_VALUE_NOTE}, Holm-corrected over the losses compared with "
-        f"`{baseline_loss}` within each model × dataset. **bold** = the interval excludes 0.5. "
+        f"`{baseline_loss}` within each model × dataset. **bold ▲** = better than `{baseline_loss}` "
+        f"(the interval lies above 0.5), _italic ▼_ = worse (below 0.5). "
         "Judge score = the judge's absolute score of the model's own samples (for the synthetic "
         "judge: the fraction of correct answers).", "",
         "Reward accuracy (held-out implicit rewards) alone can look excellent while the policy got "
@@ -194,8 +195,10 @@ def markdown(rows: list[dict], baseline_loss: str, plots: list[Path], out: Path)
         if r.get("win_rate") is not None:
             win = f"{r['win_rate']:.3f} [{_f(r.get('ci90_lo'))}, {_f(r.get('ci90_hi'))}]"
             lo, hi = r.get("ci90_lo"), r.get("ci90_hi")
-            if lo is not None and hi is not None and (lo > 0.5 or hi < 0.5):
-                win = f"**{win}**"
+            if lo is not None and lo > 0.5:
+                win = f"**{win}** ▲"
+            elif hi is not None and hi < 0.5:
+                win = f"_{win}_ ▼"
         cells = [r["model"], human_size(r.get("size")), r["dataset"], r["loss"], win,
                  _p(r.get("p_holm")), _f(r.get("judge_score")), _f(r.get("win_rate_vs_chosen"))]
         cells += [_f(r.get(f"win_rate_{j}")) for j in extra_judges]
