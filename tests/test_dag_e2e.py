@@ -69,8 +69,37 @@ def test_tiny_suite_end_to_end(tmp_path: Path):
     assert {(r["model"], r["dataset"], r["loss"]) for r in rows} == {
         (r.model, r.dataset, r.loss) for r in suite.runs}
     assert (tmp_path / "results/leaderboard.md").read_text().count("\n") >= len(suite.runs)
+    check_leaderboard_values(suite, rows)
     assert list((tmp_path / "results/plots").glob("*.png"))
     for run in suite.runs:
         for path in hs.eval_files(suite, run):
             assert (tmp_path / path).is_file(), path
     assert dry_run(tmp_path, env=env()) == []
+
+
+def _number(row: dict, column: str) -> float:
+    value = row[column]
+    assert value not in ("", None), f"{row['model']}/{row['loss']}: empty {column}"
+    return float(value)
+
+
+def check_leaderboard_values(suite, rows: list[dict]) -> None:
+    """Every cell the suite's evals promise holds a number in range, from the real runs."""
+    for row in rows:
+        reward_model = suite.is_reward_model(row["loss"])
+        reference_based = suite.losses[row["loss"]]["class"] in ("dpo", "cdpo", "robust", "ipo",
+                                                                  "kto")
+        assert int(row["size"]) > 100_000
+        assert 0.0 <= _number(row, "logp_accuracy" if not reward_model else "reward_accuracy") <= 1
+        if reference_based:
+            assert 0.0 <= _number(row, "reward_accuracy") <= 1.0
+        if reward_model:
+            continue
+        assert 0.0 <= _number(row, "judge_score") <= 1.0
+        assert 0.0 <= _number(row, "adder_mc/acc") <= 1.0
+        assert 0.0 <= _number(row, "adder_gen/exact_match") <= 1.0
+        if row["loss"] != "sft":
+            low, rate, high = (_number(row, c) for c in ("ci90_lo", "win_rate", "ci90_hi"))
+            assert 0.0 <= low <= rate <= high <= 1.0
+            assert _number(row, "n") == suite.eval["sample"]["n"]
+            assert 0.0 <= _number(row, "p_holm") <= 1.0

@@ -353,7 +353,7 @@ def test_with_accounting_sacct_status_partition_and_account(cluster, tmp_path):
         account = ("--default-resources", f"slurm_partition={PARTITION}", "slurm_account=halos",
                    "mem_mb=1000", "runtime=10", "cpus_per_task=1")
         work = tmp_path / "ok"
-        result, elapsed = run_profile(work, SLICE, "--slurm-status-command", "sacct", *account,
+        result, elapsed = run_profile(work, SLICE, *account, "--slurm-status-command", "sacct",
                                       "data/synthetic", timeout=600)
         assert result.returncode == 0, failure(result)
         assert (work / "data/synthetic/train.jsonl").is_file()
@@ -363,7 +363,7 @@ def test_with_accounting_sacct_status_partition_and_account(cluster, tmp_path):
         assert f"|halos|{PARTITION}|COMPLETED" in jobs.stdout, jobs.stdout
 
         work = tmp_path / "fail"
-        result, elapsed = run_profile(work, FAIL, "--slurm-status-command", "sacct", *account,
+        result, elapsed = run_profile(work, FAIL, *account, "--slurm-status-command", "sacct",
                                       timeout=600)
         output = _check_failure(result, elapsed, work)
         assert "SLURM status is: 'FAILED'" in output
