@@ -183,8 +183,9 @@ def _halos_worker(args, bucketing: bool) -> dict:
     halos = [sys.executable, "-m", "halos"]
     ref = run / "ref.pt"
     t0 = time.perf_counter()
-    subprocess.run([*halos, "ref-logps", *common, "--out", str(ref)], check=True,
-                   stdout=subprocess.DEVNULL)
+    # Only what DPO trains on: the train pairs (TRL's precompute scores exactly those too).
+    subprocess.run([*halos, "ref-logps", *common, "--out", str(ref), "--ref-views", "paired",
+                    "--ref-splits", "train"], check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
     subprocess.run([*halos, "align", "--loss", "dpo", *common, "--ref-logps", str(ref),
                     "--out", str(run / "align"), "--learning-rate", str(LR), "--epochs", "1",
