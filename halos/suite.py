@@ -129,7 +129,11 @@ def load_suite(path: str | Path | None = None) -> Suite:
     """Read and validate a suite file and its three tables; expand the runs."""
     LOSSES = loss_registry()
     path = Path(path or DEFAULT_SUITE)
-    spec = _validated(_read_yaml(path, "suite file"), "suite", f"suite file {path}")
+    spec = _read_yaml(path, "suite file")
+    if isinstance(spec, dict) and isinstance(spec.get("eval"), dict):
+        # `judge: null` / `lm_eval: null` mean "off", exactly like leaving the key out.
+        spec["eval"] = {k: v for k, v in spec["eval"].items() if v is not None}
+    spec = _validated(spec, "suite", f"suite file {path}")
     tables = {kind: (path.parent / spec["tables"][kind]).resolve() for kind in TABLES}
     models, losses, datasets = (load_table(tables[kind], kind) for kind in TABLES)
     pending = {}

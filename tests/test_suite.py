@@ -254,3 +254,15 @@ def test_mix_datasets(tmp_path: Path):
     with pytest.raises(hs.SuiteError, match="sft.jsonl"):
         hs.mix_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "mix2")
     assert not (tmp_path / "mix2").exists()
+
+
+def test_null_eval_entries_mean_off(tmp_path):
+    spec = yaml.safe_load((REPO / "tests/suites/micro.yaml").read_text())
+    spec["tables"] = {k: str((REPO / "tests/suites" / v).resolve())
+                      for k, v in spec["tables"].items()}
+    spec["eval"].update(lm_eval=None, judge=None)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    suite = hs.load_suite(path)
+    assert suite.eval.get("lm_eval") is None and suite.eval.get("judge") is None
+    assert [Path(f).name for f in hs.eval_files(suite, suite.runs[0])] == ["preference.json"]
