@@ -54,6 +54,18 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return count
 
 
+def numbered_json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(1-based line number, parsed value) of each non-blank line; bad JSON names path:line."""
+    with Path(path).open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+
+
 def write_json(path: str | Path, obj: object) -> None:
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)

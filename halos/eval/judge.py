@@ -8,6 +8,7 @@ from pathlib import Path
 
 from halos.eval import stats
 from halos.eval.judges import Judge
+from halos.io import numbered_json_lines
 
 
 def read_samples(path: str | Path, what: str) -> dict[str, dict]:
@@ -15,19 +16,12 @@ def read_samples(path: str | Path, what: str) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r}: no such file (make it with `halos sample`)")
     rows: dict[str, dict] = {}
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not {"id", "prompt", "completion"} <= set(row):
-                raise ValueError(f"{path}:{number}: a sample row needs id, prompt and completion")
-            if row["id"] in rows:
-                raise ValueError(f"{path}:{number}: duplicate id {row['id']!r}")
-            rows[row["id"]] = row
+    for number, row in numbered_json_lines(path):
+        if not isinstance(row, dict) or not {"id", "prompt", "completion"} <= set(row):
+            raise ValueError(f"{path}:{number}: a sample row needs id, prompt and completion")
+        if row["id"] in rows:
+            raise ValueError(f"{path}:{number}: duplicate id {row['id']!r}")
+        rows[row["id"]] = row
     if not rows:
         raise ValueError(f"{what} {str(path)!r}: no samples")
     return rows
@@ -58,22 +52,15 @@ def read_chosen(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         raise FileNotFoundError(f"--against-chosen {str(path)!r}: no such file")
     by_id: dict[str, str] = {}
     by_prompt: dict[str, str] = {}
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            text = _reply_text(row.get("chosen"))
-            if text is None and row.get("label") == "desirable":
-                text = _reply_text(row.get("completion"))
-            if text is None or "prompt" not in row:
-                continue
-            if "id" in row:
-                by_id.setdefault(str(row["id"]), text)
-            by_prompt.setdefault(_prompt_key(row["prompt"]), text)
+    for _, row in numbered_json_lines(path):
+        text = _reply_text(row.get("chosen"))
+        if text is None and row.get("label") == "desirable":
+            text = _reply_text(row.get("completion"))
+        if text is None or "prompt" not in row:
+            continue
+        if "id" in row:
+            by_id.setdefault(str(row["id"]), text)
+        by_prompt.setdefault(_prompt_key(row["prompt"]), text)
     if not by_prompt:
         raise ValueError(f"--against-chosen {str(path)!r}: no rows with a prompt and a chosen "
                          f"(or desirable) reply")

@@ -9,10 +9,10 @@ file (temperature samples also depend on the batch size; greedy decoding does no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from halos.eval import models as minfo
+from halos.io import numbered_json_lines
 
 SEED_STRIDE = 1_000_003  # batch b samples under torch.manual_seed(seed * SEED_STRIDE + b)
 RESERVED = ("id", "prompt", "completion", "temperature", "top_p", "seed", "max_new_tokens",
@@ -25,23 +25,16 @@ def read_prompt_rows(path: str | Path, n: int | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {str(path)!r}: no such file")
     rows = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            prompt = row.get("prompt") if isinstance(row, dict) else None
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            if not isinstance(prompt, list) or not prompt:
-                raise ValueError(f"{path}:{number}: needs a 'prompt' (a list of messages or a "
-                                 f"string)")
-            rows.append({**row, "prompt": prompt, "id": str(row.get("id", f"row{number}"))})
-            if n is not None and len(rows) >= n:
-                break
+    for number, row in numbered_json_lines(path):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(f"{path}:{number}: needs a 'prompt' (a list of messages or a "
+                             f"string)")
+        rows.append({**row, "prompt": prompt, "id": str(row.get("id", f"row{number}"))})
+        if n is not None and len(rows) >= n:
+            break
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
