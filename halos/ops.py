@@ -58,6 +58,26 @@ def chunked_target_logps(
     return torch.cat(pieces)
 
 
+def token_logps_from_hidden(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    head: nn.Module,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs on the (N, T-1) grid of next-token positions, and its boolean mask.
+
+    grid[n, t] = log p(input_ids[n, t+1] | ≤ t) where loss_mask[n, t+1] is set, else 0; only
+    those positions go through `head`. PPO uses the grid; sequence losses sum it.
+    """
+    scored = loss_mask[:, 1:].bool()  # (N, T-1): token t+1 is scored from position t
+    picked_hidden = hidden[:, :-1][scored]  # (M, H)
+    targets = input_ids[:, 1:][scored]  # (M,)
+    token_logps = chunked_target_logps(picked_hidden, targets, head, chunk_size)  # (M,)
+    grid = token_logps.new_zeros(scored.shape).masked_scatter(scored, token_logps)
+    return grid, scored
+
+
 def sequence_logps_from_hidden(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
@@ -66,14 +86,8 @@ def sequence_logps_from_hidden(
     chunk_size: int = 1024,
 ) -> SequenceLogps:
     """Sum the log-probs of tokens where `loss_mask` (N, T) is true, given hidden states (N, T, H)."""
-    scored = loss_mask[:, 1:].bool()  # (N, T-1): token t+1 is scored from position t
-    rows = scored.nonzero(as_tuple=True)[0]  # (M,)
-    picked_hidden = hidden[:, :-1][scored]  # (M, H)
-    targets = input_ids[:, 1:][scored]  # (M,)
-    token_logps = chunked_target_logps(picked_hidden, targets, head, chunk_size)  # (M,)
-    n = input_ids.shape[0]
-    sums = token_logps.new_zeros(n).index_add(0, rows, token_logps)
-    return SequenceLogps(sums=sums, tokens=scored.sum(-1))
+    grid, scored = token_logps_from_hidden(hidden, input_ids, loss_mask, head, chunk_size)
+    return SequenceLogps(sums=grid.sum(-1), tokens=scored.sum(-1))
 
 
 def naive_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,

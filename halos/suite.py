@@ -645,6 +645,13 @@ def world_size(suite: Suite, model: str) -> int:
     return processes(suite, model) * suite.models[model]["nodes"]
 
 
+def add_to_path(directory: str) -> None:
+    """Append `directory` to this process's PATH (inherited by its jobs) unless it is there."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    if directory not in entries:
+        os.environ["PATH"] = os.pathsep.join([*filter(None, entries), directory])
+
+
 def launch_command(nodes: int, procs: int, threads: int, multinode: bool | None = None) -> str:
     """The shell prefix that runs `halos` as `procs` processes on each of `nodes` nodes.
     `multinode` (default: nodes > 1) picks the srun + c10d path; tests force it on one node."""

@@ -80,6 +80,13 @@ class ValueHeadModel(nn.Module):
         scores = self.value_head(picked.to(self.value_head.weight.dtype)).squeeze(-1)
         return scores.float(), loss_mask[:, 1:].sum(-1)
 
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Values V_t (N, T-1) float32 on the grid of `halos.ops.token_logps_from_hidden`: the
+        value of the state whose next token is input_ids[:, t+1] (PPO's critic)."""
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state  # (N, T, H)
+        return self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
+
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.model.gradient_checkpointing_enable(**kwargs)
 

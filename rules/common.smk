@@ -1,8 +1,12 @@
 # Load the suite once; everything else lives in halos/suite.py (unit-tested without Snakemake).
+import os
 import sys
 
 import halos.suite as hs
 
+# Jobs run `halos` and `torchrun` from the environment that runs Snakemake, also when it is not
+# activated (`.venv/bin/snakemake`); appended, so an explicit PATH entry still comes first.
+hs.add_to_path(os.path.dirname(sys.executable))
 SUITE = hs.load_suite(config.get("suite") or hs.DEFAULT_SUITE)
 for _loss, _why in SUITE.pending.items():
     print(f"[suite {SUITE.name}] loss row {_loss!r} left out: {_why}", file=sys.stderr)

@@ -13,6 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests run as `.venv/bin/python -m pytest` without an activated environment: its tools
+# (`halos`, `torchrun`, `deepspeed`, and the `ninja` that DeepSpeed's JIT ops build with) must be
+# found by every subprocess.
+_BIN = str(Path(sys.executable).parent)
+if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 def halos_env() -> dict[str, str]:
