@@ -5,6 +5,9 @@
     halos ref-logps  --model results/m/d/sft/model --data data/synthetic --out results/m/d/ref.pt
     halos align      --loss dpo --beta 0.1 --model results/m/d/sft/model --data data/synthetic \\
                      --ref-logps results/m/d/ref.pt --out results/m/d/dpo
+    halos align      --loss rm --model results/m/d/sft/model --data data/synthetic --out results/m/d/rm
+    halos ppo        --model results/m/d/sft/model --reward-model results/m/d/rm/model \\
+                     --data data/synthetic --out results/m/d/ppo-online
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from halos.config import ConfigError, TrainConfig, load_yaml_config
+from halos.config import PPO_UNUSED_OPTIONS, ConfigError, PPOConfig, TrainConfig, load_yaml_config
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
+# The run config of each command; its fields are the command's options.
+_CONFIG = {"sft": TrainConfig, "align": TrainConfig, "ref-logps": TrainConfig, "ppo": PPOConfig}
 # Options that make no sense for a command are not offered by it.
 _NOT_FOR = {
     "sft": {"loss", "loss_params", "ref_logps", "reference_model", "ref_views", "ref_splits"},
@@ -32,16 +35,19 @@ _NOT_FOR = {
                   "warmup_steps", "lr_schedule", "max_grad_norm", "activation_checkpointing",
                   "log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard",
                   "wandb", "wandb_project", "run_name", "length_bucketing"},
+    "ppo": set(PPO_UNUSED_OPTIONS),
 }
 
 
 def _add_config_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", help="YAML file setting any of these options (CLI wins)")
-    for name, field in _FIELDS.items():
+    hints = typing.get_type_hints(_CONFIG[command])
+    for field in dataclasses.fields(_CONFIG[command]):
+        name = field.name
         if name in _NOT_FOR[command]:
             continue
         flag = "--" + name.replace("_", "-")
-        kind, meta = _HINTS[name], field.metadata
+        kind, meta = hints[name], field.metadata
         default = field.default_factory() if callable(field.default_factory) else field.default
         help_text = meta["help"] + ("" if meta.get("required") else f" (default: {default!r})")
         if command == "ref-logps" and name == "out":
@@ -83,16 +89,17 @@ def _scalar_type(param: inspect.Parameter) -> Callable[[str], Any]:
     return str
 
 
-def _config_from(args: argparse.Namespace, fixed: dict[str, Any]) -> TrainConfig:
-    values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
-    cli = {k: v for k, v in vars(args).items() if k in _FIELDS}
-    values.update(cli)
+def _config_from(args: argparse.Namespace, fixed: dict[str, Any],
+                 config: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    values: dict[str, Any] = load_yaml_config(args.config, config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(config)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
     loss_params = dict(values.get("loss_params") or {})
     loss_params.update({k[len("loss__"):]: v for k, v in vars(args).items()
                         if k.startswith("loss__")})
     values["loss_params"] = loss_params
     values.update(fixed)
-    return TrainConfig(**values)
+    return config(**values)
 
 
 def _train_parser(command: str, argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -100,6 +107,8 @@ def _train_parser(command: str, argv: Sequence[str]) -> argparse.ArgumentParser:
         "sft": "Supervised fine-tuning on the dataset's SFT targets (sft.jsonl, else chosen responses).",
         "align": "Align a model with a loss from the registry (`halos losses` lists them).",
         "ref-logps": "Score the data once with the reference model; alignment reads this file.",
+        "ppo": "Online PPO (RLHF): sample responses to the training prompts, score them with "
+               "the reward model, update policy and value model (TRL's PPO trainer).",
     }
     parser = argparse.ArgumentParser(prog=f"halos {command}", description=descriptions[command])
     if command == "align":
@@ -119,11 +128,16 @@ def _run_train(command: str, argv: Sequence[str]) -> int:
 
     args = _train_parser(command, argv).parse_args(argv)
     fixed = {"loss": "sft"} if command == "sft" else {}
-    cfg = _config_from(args, fixed)
+    cfg = _config_from(args, fixed, _CONFIG[command])
     if command == "ref-logps":
         reference_logps(cfg)
         return 0
-    final = train(cfg)
+    if command == "ppo":
+        from halos.ppo import ppo
+
+        final = ppo(cfg)
+    else:
+        final = train(cfg)
     from halos.engine import is_main
 
     if is_main():
@@ -208,6 +222,7 @@ COMMANDS = {
     "sft": lambda argv: _run_train("sft", argv),
     "align": lambda argv: _run_train("align", argv),
     "ref-logps": lambda argv: _run_train("ref-logps", argv),
+    "ppo": lambda argv: _run_train("ppo", argv),
     "tiny-model": _run_tiny_model,
     "losses": _run_losses,
     "score": _run_score,

@@ -109,8 +109,93 @@ class ConfigError(ValueError):
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+ONLINE_PPO = "online_ppo"  # what an online PPO run is called where a loss name is expected
+# The models of `halos ppo` beside --model (the policy's start).
+PPO_MODEL_OPTIONS = ("reward_model", "ref_model", "value_model")
+# Training options `halos ppo` does not take: it has no loss, no reference file, no held-out
+# loss to evaluate and no length-bucketed data plan (its batches are rollouts).
+PPO_UNUSED_OPTIONS = ("loss", "loss_params", "ref_logps", "reference_model", "ref_views",
+                      "ref_splits", "length_bucketing", "eval_every", "eval_examples")
 
-def load_yaml_config(path: str | Path) -> dict[str, Any]:
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """`halos ppo`: online PPO (RLHF). The training options above plus the four models and the
+    PPO hyperparameters, with the names and defaults of the seed and of TRL's PPO trainer.
+
+    A rollout batch is micro_batch_size × gradient_accumulation_steps × num_mini_batches prompts
+    per process; each mini-batch (micro × accumulation) is one optimizer step.
+    """
+
+    loss: str = _opt(ONLINE_PPO, "fixed: online PPO")
+    epochs: int = _opt(1, "passes over the unique training prompts (unless --total-episodes)")
+    max_steps: int = _opt(0, "stop after this many PPO iterations (0 = the episodes decide)")
+    micro_batch_size: int = _opt(4, "rollouts per process per forward and backward")
+    log_every: int = _opt(1, "write a metrics line every N iterations")
+    save_every: int = _opt(0, "resumable checkpoint every N iterations (0 = none)")
+    learning_rate: float = _opt(3e-6, "peak learning rate (AdamW) of the policy and value models")
+    warmup_steps: float = _opt(0.0, "linear warmup steps; a value < 1 is a fraction of all steps")
+    lr_schedule: str = _opt("linear", "decay after warmup", choices=["cosine", "linear", "constant"])
+    # --- the other three models
+    reward_model: str = _opt("", "reward model folder (`halos align --loss rm`: value_head.safetensors)",
+                             required=True)
+    ref_model: str = _opt("", "frozen reference policy of the KL penalty (default: --model)")
+    value_model: str = _opt("", "start of the value model, trained alongside (default: --reward-model)")
+    # --- rollouts
+    response_length: int = _opt(53, "maximum new tokens of a sampled response (it stops at EOS)")
+    temperature: float = _opt(0.7, "sampling temperature of the rollouts (their log-probs use it too)")
+    missing_eos_penalty: float = _opt(0.0, "subtracted from the score of a response without EOS")
+    local_rollout_forward_batch_size: int = _opt(64, "sequences per generation / rollout forward")
+    total_episodes: int = _opt(0, "rollouts in all (0 = epochs × unique training prompts)")
+    num_sample_generations: int = _opt(10, "times held-out completions are sampled into "
+                                       "samples.jsonl during training (0 = never)")
+    # --- PPO
+    num_ppo_epochs: int = _opt(4, "passes over each rollout batch")
+    num_mini_batches: int = _opt(1, "optimizer steps per pass over a rollout batch")
+    whiten_rewards: bool = _opt(False, "normalize the per-token rewards (scale only)")
+    kl_coef: float = _opt(0.05, "weight of the per-token KL penalty against the reference")
+    cliprange: float = _opt(0.2, "clip range of the policy ratio")
+    vf_coef: float = _opt(0.1, "weight of the value loss")
+    cliprange_value: float = _opt(0.2, "clip range of the value predictions")
+    gamma: float = _opt(1.0, "discount factor")
+    lam: float = _opt(0.95, "GAE lambda")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward_model:
+            raise ConfigError("--reward-model is required (train one with `halos align --loss rm`)")
+        for name in PPO_MODEL_OPTIONS:
+            folder = getattr(self, name)
+            if folder and not Path(folder).is_dir():
+                raise ConfigError(f"--{name.replace('_', '-')} {folder!r} is not a model folder")
+        if not (Path(self.reward_model) / "value_head.safetensors").is_file():
+            raise ConfigError(f"--reward-model {self.reward_model!r} has no value_head.safetensors; "
+                              f"train a reward model with `halos align --loss rm`")
+        for name in ("response_length", "local_rollout_forward_batch_size", "num_ppo_epochs",
+                     "num_mini_batches"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("total_episodes", "num_sample_generations", "kl_coef", "vf_coef",
+                     "missing_eos_penalty"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0")
+        for name in ("temperature", "cliprange", "cliprange_value"):
+            _check(self, name, getattr(self, name) > 0, "> 0")
+        for name in ("gamma", "lam"):
+            _check(self, name, 0 <= getattr(self, name) <= 1, "in [0, 1]")
+
+
+def _check(cfg: TrainConfig, name: str, ok: bool, wanted: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{name.replace('_', '-')} must be {wanted}, got {getattr(cfg, name)!r}")
+
+
+def ppo_hyperparameters() -> dict[str, Any]:
+    """The options PPO adds to the training options (a losses-table row's `params`), with their
+    defaults; the models are columns of their own."""
+    base = set(_FIELDS) | set(PPO_MODEL_OPTIONS)
+    return {f.name: f.default for f in dataclasses.fields(PPOConfig) if f.name not in base}
+
+
+def load_yaml_config(path: str | Path, config: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
     """Read a YAML run config; unknown keys are an error naming the key and the file."""
     path = Path(path)
     if not path.is_file():
@@ -121,9 +206,10 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(_FIELDS))
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) {unknown}; valid options are {sorted(_FIELDS)}")
+        raise ConfigError(f"{path}: unknown option(s) {unknown}; valid options are {sorted(fields)}")
     return values
 
 

@@ -13,6 +13,10 @@ Every table row and the suite file are validated against the JSON schemas in con
 (unknown keys are errors), then cross-checked here: a loss class must be registered
 (`halos losses`), loss hyperparameters must exist on the class, names must exist in the tables.
 Errors name the file, the table and the row.
+
+A row of class `online_ppo` is no registered loss but online PPO (`halos ppo`, rule `ppo`): its
+`reward_model` column names the `rm` row whose model it trains against, and its `params` are
+PPO hyperparameters. Its model is evaluated like every other policy.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from typing import Any
 
 import yaml
 
+from halos.config import ONLINE_PPO, PPO_UNUSED_OPTIONS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO_ROOT / "configs" / "schemas"
 DEFAULT_SUITE = REPO_ROOT / "configs" / "suites" / "tiny.yaml"
 TABLES = ("models", "losses", "datasets")
 SFT = "sft"  # the loss row (and class) that is the SFT stage: results/{model}/{dataset}/sft/
 REWARD_MODEL_CLASS = "rm"
+ONLINE_PPO_CLASS = ONLINE_PPO  # online PPO rows (`halos ppo`), not a registered loss
 # Options that decide which token sequences a job scores. They must be identical for the
 # ref-logps job and every alignment job reading its file, so only the datasets table (and the
 # model's chat template) may set them, never a loss row.
@@ -80,15 +87,27 @@ class Suite:
         return self.losses[loss]["class"]
 
     def needs_reference(self, loss: str) -> bool:
+        """Whether the row's model has a reference: online PPO's is its start model, whose
+        reference log-probs its preference eval reads (the PPO job itself never does)."""
+        if self.is_online(loss):
+            return True
         return loss_registry()[self.loss_class(loss)]["needs_reference"]
 
     def is_reward_model(self, loss: str) -> bool:
         return self.loss_class(loss) == REWARD_MODEL_CLASS
 
+    def is_online(self, loss: str) -> bool:
+        return self.loss_class(loss) == ONLINE_PPO_CLASS
+
     def align_losses(self) -> list[str]:
-        """Loss rows trained by the `align` rule (policies, not the SFT stage, not reward models)."""
+        """Loss rows trained by the `align` rule (policies, not the SFT stage, not reward models,
+        not online PPO)."""
         return [n for n in self.losses if n != SFT and n not in self.pending
-                and not self.is_reward_model(n)]
+                and not self.is_reward_model(n) and not self.is_online(n)]
+
+    def online_losses(self) -> list[str]:
+        """Online PPO rows (the `ppo` rule)."""
+        return [n for n in self.losses if n not in self.pending and self.is_online(n)]
 
     def reward_losses(self) -> list[str]:
         return [n for n in self.losses if n not in self.pending and self.is_reward_model(n)]
@@ -254,12 +273,18 @@ def _check_losses(losses: dict[str, dict], path: Path, pending: set[str]) -> Non
     for name, row in losses.items():
         where = f"losses table {path}, row {name!r}"
         cls = row["class"]
-        if cls not in LOSSES:
+        if cls == ONLINE_PPO_CLASS:
+            _check_online_row(row, where, losses)
+        elif "reward_model" in row:
+            raise SuiteError(f"{where}: only rows of class {ONLINE_PPO_CLASS!r} take a "
+                             f"reward_model column")
+        if cls not in LOSSES and cls != ONLINE_PPO_CLASS:
             if name in pending:
                 continue
             raise SuiteError(f"{where}: loss class {cls!r} is not registered; choose from "
-                             f"{sorted(LOSSES)} (or list the row under `pending:` in the suite)")
-        known = LOSSES[cls]["hyperparameters"]
+                             f"{sorted([*LOSSES, ONLINE_PPO_CLASS])} (or list the row under "
+                             f"`pending:` in the suite)")
+        known = _hyperparameters(cls)
         unknown = sorted(set(row.get("params", {})) - set(known))
         if unknown:
             valid = ", ".join(f"{k}={v}" for k, v in known.items()) or "none"
@@ -274,6 +299,28 @@ def _check_losses(losses: dict[str, dict], path: Path, pending: set[str]) -> Non
     if any(row["from_sft"] for row in losses.values()) and SFT not in losses:
         raise SuiteError(f"losses table {path}: rows with from_sft: true need a row named {SFT!r} "
                          f"(class sft) that defines the SFT stage")
+
+
+def _hyperparameters(cls: str) -> dict[str, str]:
+    """{name: repr(default)} of a loss class's hyperparameters, or of online PPO's."""
+    if cls == ONLINE_PPO_CLASS:
+        from halos.config import ppo_hyperparameters
+
+        return {k: repr(v) for k, v in ppo_hyperparameters().items()}
+    return loss_registry()[cls]["hyperparameters"]
+
+
+def _check_online_row(row: dict, where: str, losses: dict[str, dict]) -> None:
+    """An online PPO row names the reward model (an `rm` row of the same table) it trains on."""
+    reward = row.get("reward_model")
+    if reward is None:
+        raise SuiteError(f"{where}: class {ONLINE_PPO_CLASS!r} needs a reward_model column "
+                         f"naming a row of class {REWARD_MODEL_CLASS!r}")
+    rm_rows = sorted(n for n, r in losses.items() if r["class"] == REWARD_MODEL_CLASS)
+    if losses.get(reward, {}).get("class") != REWARD_MODEL_CLASS:
+        raise SuiteError(f"{where}: reward_model {reward!r} is not a row of class "
+                         f"{REWARD_MODEL_CLASS!r} of this losses table; rows of class "
+                         f"{REWARD_MODEL_CLASS!r}: {rm_rows or 'none'}")
 
 
 def _check_datasets(datasets: dict[str, dict], path: Path) -> None:
@@ -454,6 +501,30 @@ def align_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
                "ref_logps": reference_file(suite, model, dataset, loss),
                **train_options(suite, model, dataset, loss), **lrow.get("params", {})}
     return cli_args(options)
+
+
+def reward_model_dir(suite: Suite, model: str, dataset: str, loss: str) -> str:
+    """The trained reward model an online PPO row scores its rollouts with."""
+    return f"results/{model}/{dataset}/{suite.losses[loss]['reward_model']}/model"
+
+
+def ppo_inputs(suite: Suite, model: str, dataset: str, loss: str) -> dict[str, str]:
+    """Inputs of an online PPO job: data, start model, reward model (no reference file)."""
+    inputs = train_inputs(suite, model, dataset, loss)
+    inputs.pop("ref", None)
+    inputs["reward_model"] = reward_model_dir(suite, model, dataset, loss)
+    return inputs
+
+
+def ppo_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
+    """`halos ppo` arguments of an online PPO row: the policy starts from (and is regularized
+    towards) the row's start model; its hyperparameters are the row's params."""
+    lrow = suite.losses[loss]
+    options = {"model": start_model(suite, model, dataset, loss),
+               "reward_model": reward_model_dir(suite, model, dataset, loss),
+               "data": data_dir(dataset), "out": f"results/{model}/{dataset}/{loss}",
+               **train_options(suite, model, dataset, loss), **lrow.get("params", {})}
+    return cli_args({k: v for k, v in options.items() if k not in PPO_UNUSED_OPTIONS})
 
 
 def ref_args(suite: Suite, model: str, dataset: str, base: bool) -> str:

@@ -26,7 +26,7 @@ rule align:
 
 
 # A reward model (class rm: LM + value head), per model x dataset x rm row. It is not a policy:
-# it is evaluated on preference pairs only, and offline PPO will read it.
+# it is evaluated on preference pairs only; online PPO rows (rules/ppo.smk) train against it.
 rule reward_model:
     input:
         unpack(run_inputs(hs.train_inputs)),

@@ -22,7 +22,7 @@ def main(argv):
         time.sleep(600)  # a job to kill midway
     out = Path(option(argv, "--out"))
     command = argv[0] if argv[0] not in ("data", "eval") else " ".join(argv[:2])
-    if command in ("sft", "align"):
+    if command in ("sft", "align", "ppo"):
         (out / "model").mkdir(parents=True)
         (out / "model" / "config.json").write_text(json.dumps({"args": argv}))
     elif command in ("tiny-model", "data prepare"):

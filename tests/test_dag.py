@@ -79,8 +79,9 @@ def test_tiny_suite_plans_every_stage(tmp_path: Path):
     n = count(dry_run(tmp_path))
     assert n["prepare_data"] == 1 and n["tiny_model"] == 2 and n["sft"] == 2
     assert n["ref_logps"] == 2 and n["reward_model"] == 2 and n["align"] == 20
-    assert n["sample"] == 22 and n["eval_judge"] == 20 and n["eval_preference"] == 24
-    assert n["eval_lm"] == 22  # the local lm-eval tasks on every policy checkpoint
+    assert n["ppo"] == 2  # online PPO against each model's reward model
+    assert n["sample"] == 24 and n["eval_judge"] == 22 and n["eval_preference"] == 26
+    assert n["eval_lm"] == 24  # the local lm-eval tasks on every policy checkpoint
 
 
 def test_lint_is_clean_but_for_conda():

@@ -48,7 +48,8 @@ def test_tiny_suite_is_two_tiny_models_times_every_registered_loss():
     models = {r.model for r in suite.runs}
     assert len(models) >= 2 and all(suite.is_builtin(m) for m in models)
     classes = {suite.loss_class(r.loss) for r in suite.runs}
-    assert classes == set(LOSSES), f"tiny suite misses {set(LOSSES) - classes}"
+    wanted = set(LOSSES) | {hs.ONLINE_PPO_CLASS}
+    assert classes == wanted, f"tiny suite misses {wanted - classes}"
     assert {r.dataset for r in suite.runs} == {"synthetic"}
     assert len(suite.runs) == len(models) * len(suite.losses)
 
@@ -240,6 +241,43 @@ def test_eval_files_follow_the_suite():
     sft_run = next(r for r in archangel.runs if r.loss == "sft")
     assert [Path(f).name for f in hs.eval_files(archangel, sft_run)] == ["preference.json",
                                                                          "lm_eval.json"]
+
+
+def test_online_ppo_row_trains_against_its_reward_model_row():
+    suite = hs.load_suite(TINY)
+    row = ("tiny-1m", "synthetic", "sft+ppo-online")
+    assert suite.online_losses() == ["sft+ppo-online"]
+    assert "sft+ppo-online" not in suite.align_losses() + suite.reward_losses()
+    args = hs.ppo_args(suite, *row)
+    assert args.startswith("--model results/tiny-1m/synthetic/sft/model --reward-model "
+                           "results/tiny-1m/synthetic/sft+rm/model --data data/synthetic")
+    assert "--kl-coef 0.05" in args and "--response-length 24" in args
+    assert "--micro-batch-size 64 --gradient-accumulation-steps 1" in args
+    # No loss, reference file or held-out loss: options `halos ppo` does not take.
+    assert "--loss" not in args and "--ref-logps" not in args and "--eval-examples" not in args
+    assert hs.ppo_inputs(suite, *row) == {
+        "data": "data/synthetic", "model": "results/tiny-1m/synthetic/sft/model",
+        "reward_model": "results/tiny-1m/synthetic/sft+rm/model"}
+    # Evaluated like every policy; its implicit reward is measured against the SFT reference.
+    assert [Path(f).name for f in hs.eval_files(suite, hs.Run(*row))] == [
+        "preference.json", "judge.json", "lm_eval.json"]
+    assert hs.preference_ref(suite, *row) == "results/tiny-1m/synthetic/ref_logps.pt"
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t["sft+ppo-online"].update(reward_model="sft+rm2"), "reward_model 'sft+rm2'"),
+    (lambda t: t["sft+ppo-online"].update(reward_model="sft+dpo"), "reward_model 'sft+dpo'"),
+    (lambda t: t["sft+ppo-online"].pop("reward_model"), "needs a reward_model column"),
+    (lambda t: t["sft+ppo-online"]["params"].update(kl_coeff=0.1), "kl_coef="),
+])
+def test_bad_online_ppo_row_names_table_and_row(tables, change, expected):
+    msg = _error(tables, "losses", change)
+    assert "losses table" in msg and "'sft+ppo-online'" in msg and expected in msg, msg
+
+
+def test_reward_model_column_only_on_online_ppo_rows(tables):
+    msg = _error(tables, "losses", lambda t: t["sft+dpo"].update(reward_model="sft+rm"))
+    assert "'sft+dpo'" in msg and "online_ppo" in msg
 
 
 def test_mix_datasets(tmp_path: Path):

@@ -69,6 +69,34 @@ def load_causal_lm(model_dir: str | Path):
     return model, tokenizer, device
 
 
+def generate_ids(model, prompt_ids: list[list[int]], *, eos: int, pad: int, max_new_tokens: int,
+                 temperature: float, top_p: float = 1.0, device, synced_gpus: bool = False
+                 ) -> list[list[int]]:
+    """One left-padded batch through `model.generate`: each completion's token ids, up to and
+    including its first EOS (all of them when it has none). The caller seeds the sampling.
+    `synced_gpus` keeps ZeRO-3 processes generating in step until every one has finished."""
+    import torch
+
+    width = max(map(len, prompt_ids))
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
+        if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None,
+                                 "top_k": None}
+    with torch.no_grad():
+        generated = model.generate(input_ids=input_ids.to(device),
+                                   attention_mask=attention.to(device),
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                   pad_token_id=pad, synced_gpus=synced_gpus, **options)
+    out = []
+    for row in generated[:, width:].tolist():
+        out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, temperature: float, top_p: float,
              max_new_tokens: int, seed: int, batch_size: int, device) -> list[str]:
     """Left-padded batched generation; returns the decoded completions (special tokens and
@@ -79,25 +107,11 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, temperature: floa
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out: list[str] = []
     for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
-        chunk = prompt_ids[start : start + batch_size]
-        width = max(map(len, chunk))
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
         torch.manual_seed(seed * SEED_STRIDE + b)
-        options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
-            if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None,
-                                     "top_k": None}
-        with torch.no_grad():
-            generated = model.generate(input_ids=input_ids.to(device),
-                                       attention_mask=attention.to(device),
-                                       max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                       pad_token_id=pad, **options)
-        for row in generated[:, width:].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
+        for row in generate_ids(model, prompt_ids[start : start + batch_size], eos=eos, pad=pad,
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, device=device):
+            row = row[:-1] if row and row[-1] == eos else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out
 
