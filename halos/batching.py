@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from halos.data.types import TokenizedCompletion, TokenizedExample, TokenizedPair
-from halos.losses.base import BatchKind, Logps, PairedLogps, SFTLogps, UnpairedLogps
+from halos.losses.base import BatchKind, Logps, PairedLogps, SFTLogps, TokenLogps, UnpairedLogps
 
 BUCKET_WINDOW = 64  # microbatches sorted by length together; larger = less padding, less mixing
 
@@ -126,6 +126,12 @@ def pack_logps(batch: Batch, sums: torch.Tensor, tokens: torch.Tensor, average: 
         kl = kl_sums / kl_tokens.clamp(min=1) if average else kl_sums
     return UnpairedLogps(values, tokens, batch.desirable, kl)
 
+
+def pack_token_logps(batch: Batch, logps: torch.Tensor, mask: torch.Tensor,
+                     values: torch.Tensor | None = None) -> TokenLogps:
+    """Per-token outputs of `batch` ((N, T-1) grids) for a `token_level` loss; rows as in
+    `batch` (chosen then rejected for pairs), labels of an unpaired batch."""
+    return TokenLogps(logps, mask, batch.desirable, values)
 
 def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, world_size: int,
                epochs: int, seed: int, bucketing: bool,

@@ -99,25 +99,35 @@ def naive_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
     return SequenceLogps(sums=(picked * scored).sum(-1), tokens=loss_mask[:, 1:].sum(-1))
 
 
+def backbone_hidden(causal_lm: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last hidden states (N, T, H) of a causal LM's decoder, without its LM head."""
+    return causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state
+
+
 class CausalLMLogps(nn.Module):
     """Wrap a Hugging Face causal LM so that its forward returns per-sequence log-probs.
 
     DeepSpeed wraps this module, so every ZeRO-3 parameter hook runs as in an ordinary forward;
     the backbone runs once over the whole padded batch and the LM head only at scored positions.
+    With `token_level` the forward returns the per-token grid and its mask instead (PPO).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, token_level: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.token_level = token_level
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        backbone = self.model.get_decoder()
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state  # (N, T, H)
-        out = sequence_logps_from_hidden(hidden, input_ids, loss_mask,
-                                         self.model.get_output_embeddings(), self.chunk_size)
+        """(sums (N,), token counts (N,)), or with `token_level` (grid (N, T-1), mask (N, T-1))."""
+        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
+        args = (hidden, input_ids, loss_mask, self.model.get_output_embeddings(), self.chunk_size)
+        if self.token_level:
+            return token_logps_from_hidden(*args)
+        out = sequence_logps_from_hidden(*args)
         return out.sums, out.tokens
 
     def save_pretrained(self, folder, state_dict: dict[str, torch.Tensor] | None = None,

@@ -2,7 +2,10 @@
 
 The file maps the 64-bit key of each scored sequence (its prompt and response token ids) to the
 reference model's summed log-prob and token count, and records the reference checkpoint's
-identity. Alignment looks each sequence up by key, so any change of data, tokenizer, chat
+identity. Token-level losses (PPO) also need the per-token log-probs: they are stored as one flat
+float32 array (`token_logps`, the scored tokens of each sequence in order, sequences sorted by
+key) with offsets per key (`token_offsets`); files written before they existed lack both, still
+serve per-sequence losses, and are refused by token-level ones. Alignment looks each sequence up by key, so any change of data, tokenizer, chat
 template or truncation shows up as missing keys and is refused, as is another checkpoint.
 """
 
@@ -60,7 +63,9 @@ def _local_folder(model: str | Path) -> Path:
 
 def write_reference_file(path: str | Path, keys: torch.Tensor, sums: torch.Tensor,
                          tokens: torch.Tensor, *, model: str, identity: str,
-                         data_fingerprint: str) -> None:
+                         data_fingerprint: str, token_logps: torch.Tensor | None = None) -> None:
+    """Write the file atomically. `token_logps` (optional) holds the per-token log-probs of every
+    sequence's `tokens[i]` scored tokens, concatenated in the order of `keys`."""
     order = torch.argsort(keys)
     payload = {
         "format": FORMAT_VERSION,
@@ -71,6 +76,14 @@ def write_reference_file(path: str | Path, keys: torch.Tensor, sums: torch.Tenso
         "sums": sums[order].to(torch.float32).contiguous(),
         "tokens": tokens[order].to(torch.int32).contiguous(),
     }
+    if token_logps is not None:
+        if token_logps.numel() != int(tokens.sum()):
+            raise ValueError(f"{token_logps.numel()} per-token log-probs for "
+                             f"{int(tokens.sum())} scored tokens")
+        starts = _offsets(tokens)[:-1]
+        flat = token_logps.to(torch.float32)[_segments(starts[order], tokens[order])]
+        payload["token_logps"] = flat.contiguous()
+        payload["token_offsets"] = _offsets(tokens[order])
     with atomic_file(path, "wb") as handle:
         torch.save(payload, handle)
 
@@ -94,6 +107,8 @@ class ReferenceLogps:
         self.model_identity = payload["model_identity"]
         self.data_fingerprint = payload["data_fingerprint"]
         self.keys, self.sums, self.tokens = payload["keys"], payload["sums"], payload["tokens"]
+        self.token_logps = payload.get("token_logps")
+        self.token_offsets = payload.get("token_offsets")
 
     def check_model(self, model: str | Path) -> None:
         identity = model_identity(model)
@@ -104,6 +119,30 @@ class ReferenceLogps:
                 f"rerun `halos ref-logps --model {model}` or pass the matching --reference-model")
 
     def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self._positions(keys)
+        return self.sums[pos], self.tokens[pos]
+
+    def lookup_tokens(self, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The per-token log-probs (N, T-1) of the sequences `keys` on their scored-token `mask`
+        (the grid of `halos.ops.token_logps_from_hidden`), 0 elsewhere; on `mask`'s device."""
+        self.require_tokens()
+        pos = self._positions(keys)
+        counts = mask.sum(-1).cpu()
+        if not torch.equal(self.tokens[pos].long(), counts.long()):
+            raise ReferenceMismatch(f"{self.path}: the batch scores other tokens of its sequences "
+                                    f"than the file holds; recompute it with `halos ref-logps`")
+        flat = self.token_logps[_segments(self.token_offsets[pos], counts)]
+        grid = torch.zeros(mask.shape, dtype=flat.dtype, device=mask.device)
+        return grid.masked_scatter(mask.bool(), flat.to(mask.device))
+
+    def require_tokens(self) -> None:
+        """Fail unless the file has per-token log-probs (files of older versions do not)."""
+        if self.token_logps is None or self.token_offsets is None:
+            raise ReferenceMismatch(
+                f"{self.path} holds per-sequence reference log-probs only; a token-level loss "
+                f"(e.g. ppo) needs per-token ones: recompute it with `halos ref-logps`")
+
+    def _positions(self, keys: torch.Tensor) -> torch.Tensor:
         pos = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
         found = self.keys[pos] == keys
         if not bool(found.all()):
@@ -112,7 +151,7 @@ class ReferenceLogps:
                 f"{self.path} has no reference log-probs for {missing} of {len(keys)} sequences: "
                 f"it was computed for other data, tokenizer, chat template or max length; rerun "
                 f"`halos ref-logps` with the same data options as this run")
-        return self.sums[pos], self.tokens[pos]
+        return pos
 
     def check_covers(self, keys: torch.Tensor) -> None:
         """Fail before training if any sequence of the run is missing (same error as lookup)."""
@@ -120,4 +159,18 @@ class ReferenceLogps:
 
     def describe(self) -> str:
         return json.dumps({"model": self.model, "model_identity": self.model_identity,
-                           "data_fingerprint": self.data_fingerprint, "sequences": len(self.keys)})
+                           "data_fingerprint": self.data_fingerprint, "sequences": len(self.keys),
+                           "per_token": self.token_logps is not None})
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """(K+1,) int64 start of each of K consecutive segments of `lengths`, and the total."""
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).long()
+
+
+def _segments(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the segments [starts[i], starts[i] + lengths[i]), one after the other."""
+    lengths = lengths.long()
+    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(_offsets(lengths)[:-1],
+                                                                      lengths)
+    return torch.repeat_interleave(starts.long(), lengths) + within

@@ -92,12 +92,15 @@ def check_fits(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 def trainable_module(model: torch.nn.Module, loss: AlignmentLoss,
                      cfg: TrainConfig) -> torch.nn.Module:
-    """What DeepSpeed trains: the LM returning log-probs, or LM + value head returning scores."""
-    if loss.model_head == "value_head":
-        from halos.value_head import ValueHeadModel
+    """What DeepSpeed trains: the LM returning log-probs (per sequence or per token), the LM +
+    value head returning scores (a reward model), or the LM and a value head together (PPO)."""
+    from halos.value_head import PolicyValueModel, ValueHeadModel
 
+    if loss.model_head == "value_head":
         return ValueHeadModel(model)
-    return CausalLMLogps(model, cfg.logits_chunk_size)
+    if loss.model_head == "causal_lm_value_head":
+        return PolicyValueModel(model, chunk_size=cfg.logits_chunk_size)
+    return CausalLMLogps(model, cfg.logits_chunk_size, token_level=loss.token_level)
 
 
 def open_reference(cfg: TrainConfig, loss: AlignmentLoss,
@@ -110,6 +113,8 @@ def open_reference(cfg: TrainConfig, loss: AlignmentLoss,
                           f"`halos ref-logps --model {cfg.model} --data {cfg.data}`)")
     reference = ReferenceLogps(cfg.ref_logps)
     reference.check_model(cfg.reference_model or cfg.model)
+    if loss.token_level:
+        reference.require_tokens()
     for view in views:
         if view is not None and len(view):
             reference.check_covers(collate(view.sequences(), view.pad_id, "sft", 0).keys)
@@ -127,30 +132,33 @@ def reference_logps(cfg: TrainConfig) -> Path:
     model, tokenizer = eng.load_causal_lm(cfg.model, ds)
     check_fits(model, cfg)
     sequences = _all_reference_sequences(cfg, tokenizer)
-    engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size), ds, None)
+    engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,
+                              None)
 
     # Longest first in fixed-size batches, dealt round-robin; all ranks run the same count.
     order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
     size = cfg.micro_batch_size * 2
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
     rounds = -(-len(chunks) // world)
-    results: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for r in range(rounds):
             i = r * world + rank
             indices = chunks[min(i, len(chunks) - 1)]
             batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id, "sft", 0)
             device = engine.device
-            sums, counts = engine(batch.input_ids.to(device), batch.attention_mask.to(device),
-                                  batch.loss_mask.to(device))
+            grid, mask = engine(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                batch.loss_mask.to(device))
             if i < len(chunks):
-                results.append((indices, batch.keys, sums.float().cpu(), counts.cpu()))
+                grid, mask = grid.float().cpu(), mask.cpu()
+                # The flat per-token log-probs are row after row, each row's in order.
+                results.append((batch.keys, grid.sum(-1), mask.sum(-1), grid[mask]))
     gathered = [results] if world == 1 else _gather(results, world)
     if rank == 0:
-        keys, sums, counts = _merge(gathered)
-        fingerprint = _fingerprint(keys)
+        keys, sums, counts, token_logps = _merge(gathered)
         write_reference_file(out, keys, sums, counts, model=cfg.model,
-                             identity=model_identity(cfg.model), data_fingerprint=fingerprint)
+                             identity=model_identity(cfg.model), data_fingerprint=_fingerprint(keys),
+                             token_logps=token_logps)
         print(f"[halos] wrote reference log-probs of {len(keys)} sequences to {out}", flush=True)
     eng.barrier()
     return out
@@ -184,20 +192,17 @@ def _choices(value: str, allowed: set[str], option: str) -> list[str]:
     return chosen
 
 
-def _gather(results: list, world: int) -> list:
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, results)
+def _gather(results: list, world: int) -> list | None:
+    """Every rank's results on rank 0 (None elsewhere): the per-token log-probs are large."""
+    gathered: list | None = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(results, gathered, dst=0)
     return gathered
 
 
-def _merge(gathered: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    keys, sums, counts = [], [], []
-    for results in gathered:
-        for _, k, s, c in results:
-            keys.append(k)
-            sums.append(s)
-            counts.append(c)
-    return torch.cat(keys), torch.cat(sums), torch.cat(counts)
+def _merge(gathered: list) -> tuple[torch.Tensor, ...]:
+    """Concatenate each field of the (keys, sums, counts, token log-probs) of every batch."""
+    batches = [batch for results in gathered for batch in results]
+    return tuple(torch.cat(field) for field in zip(*batches, strict=True))
 
 
 def _fingerprint(keys: torch.Tensor) -> str:

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 
 from halos import engine as eng
-from halos.batching import Batch, pack_logps
+from halos.batching import Batch, pack_logps, pack_token_logps
 from halos.config import TrainConfig
 from halos.dataview import DataView
-from halos.losses.base import AlignmentLoss, LossOutput
+from halos.losses.base import AlignmentLoss, Logps, LossOutput
 from halos.losses.functional import means_from_sums
 from halos.metrics import MetricsLogger, reduce_mean, reduce_sum
 from halos.reflogps import ReferenceLogps
@@ -89,18 +89,26 @@ class Trainer:
         return metrics
 
     def forward(self, batch: Batch) -> LossOutput:
-        """Policy log-probs (one forward for chosen+rejected), reference from the file, loss."""
+        """Policy outputs (one forward for chosen+rejected), reference from the file, loss."""
+        if batch.desirable is not None:
+            batch.desirable = batch.desirable.to(self.engine.device)
+        score = self._token_logps if self.loss.token_level else self._sequence_logps
+        return self.loss(*score(batch))
+
+    def _run(self, rows: Batch) -> tuple[torch.Tensor, ...]:
         device = self.engine.device
-        sums, counts = self.engine(batch.input_ids.to(device), batch.attention_mask.to(device),
-                                   batch.loss_mask.to(device))
+        return self.engine(rows.input_ids.to(device), rows.attention_mask.to(device),
+                           rows.loss_mask.to(device))
+
+    def _sequence_logps(self, batch: Batch) -> tuple[Logps, Logps | None]:
+        """Per-sequence log-probs (and those of KL pairs, without gradient) of policy and
+        reference."""
+        device = self.engine.device
+        sums, counts = self._run(batch)
         kl_sums = kl_counts = None
         if batch.kl is not None:
             with torch.no_grad():
-                kl_sums, kl_counts = self.engine(batch.kl.input_ids.to(device),
-                                                 batch.kl.attention_mask.to(device),
-                                                 batch.kl.loss_mask.to(device))
-        if batch.desirable is not None:
-            batch.desirable = batch.desirable.to(device)
+                kl_sums, kl_counts = self._run(batch.kl)
         average = self.loss.average_logps
         policy = pack_logps(batch, sums, counts, average, kl_sums, kl_counts)
         reference = None
@@ -109,7 +117,18 @@ class Trainer:
             ref_kl = ([t.to(device) for t in self.reference.lookup(batch.kl.keys)]
                       if batch.kl is not None else [None, None])
             reference = pack_logps(batch, ref[0], ref[1], average, *ref_kl)
-        return self.loss(policy, reference)
+        return policy, reference
+
+    def _token_logps(self, batch: Batch) -> tuple[Logps, Logps | None]:
+        """Per-token log-probs (N, T-1) of the policy (with values if the model has a value
+        head) and of the reference, on the same mask."""
+        logps, mask, *values = self._run(batch)
+        policy = pack_token_logps(batch, logps, mask, values[0] if values else None)
+        reference = None
+        if self.reference is not None:
+            reference = pack_token_logps(batch, self.reference.lookup_tokens(batch.keys, mask),
+                                         mask)
+        return policy, reference
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""A scalar value head on a causal LM backbone: the reward model of the `rm` loss, and scoring.
+"""A scalar value head on a causal LM backbone: the reward model of the `rm` loss, scoring, and
+the policy + critic of offline PPO (`PolicyValueModel`).
 
 The backbone is the causal LM's decoder (`model.get_decoder()`); the head is one
 `nn.Linear(hidden, 1)` read at the last response token of each sequence. The LM is saved as usual
@@ -19,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from halos.io import atomic_file
+from halos.ops import backbone_hidden, token_logps_from_hidden
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 WEIGHT_KEY, BIAS_KEY = "v_head.summary.weight", "v_head.summary.bias"
@@ -51,6 +53,8 @@ class ValueHeadModel(nn.Module):
     optimizer (and ZeRO) carry no state for a parameter that never gets a gradient.
     """
 
+    uses_lm_head = False  # a subclass that scores tokens too trains the LM head
+
     def __init__(self, causal_lm: nn.Module, head: nn.Linear | None = None) -> None:
         super().__init__()
         self.model = causal_lm
@@ -60,7 +64,8 @@ class ValueHeadModel(nn.Module):
             raise ValueError(f"value head is Linear({self.value_head.in_features}, "
                              f"{self.value_head.out_features}); the model needs Linear({hidden_size}, 1)")
         lm_head, embeddings = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()
-        if lm_head is not None and lm_head.weight is not embeddings.weight:
+        if (not self.uses_lm_head and lm_head is not None
+                and lm_head.weight is not embeddings.weight):
             lm_head.weight.requires_grad_(False)
 
     @property
@@ -73,8 +78,7 @@ class ValueHeadModel(nn.Module):
 
         Counts follow `halos.ops`: token t is scored when loss_mask[t] is set and t > 0.
         """
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state  # (N, T, H)
+        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
         last = last_scored_position(loss_mask, attention_mask)  # (N,)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
         scores = self.value_head(picked.to(self.value_head.weight.dtype)).squeeze(-1)
@@ -83,8 +87,9 @@ class ValueHeadModel(nn.Module):
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Values V_t (N, T-1) float32 on the grid of `halos.ops.token_logps_from_hidden`: the
         value of the state whose next token is input_ids[:, t+1] (PPO's critic)."""
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state  # (N, T, H)
+        return self._grid_values(backbone_hidden(self.model, input_ids, attention_mask))
+
+    def _grid_values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden[:, :-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
@@ -110,6 +115,31 @@ class ValueHeadModel(nn.Module):
         if head is not None:
             head = head.to(dtype=next(causal_lm.parameters()).dtype)
         return cls(causal_lm, head)
+
+
+class PolicyValueModel(ValueHeadModel):
+    """A causal LM and a value head on its backbone, trained together (TRL's
+    `AutoModelForCausalLMWithValueHead`, the policy of HALOs' PPO). One backbone pass gives both
+    the per-token log-probs and the values V_t on the grid of `halos.ops.token_logps_from_hidden`.
+
+    Saved like `ValueHeadModel`: an ordinary causal-LM folder (sampling and evaluation load it with
+    `AutoModelForCausalLM`) plus `value_head.safetensors`.
+    """
+
+    uses_lm_head = True
+
+    def __init__(self, causal_lm: nn.Module, head: nn.Linear | None = None,
+                 chunk_size: int = 1024) -> None:
+        super().__init__(causal_lm, head)
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs, mask, values), each (N, T-1); log-probs and values are float32."""
+        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
+        logps, mask = token_logps_from_hidden(hidden, input_ids, loss_mask,
+                                              self.model.get_output_embeddings(), self.chunk_size)
+        return logps, mask, self._grid_values(hidden)
 
 
 def save_value_head(head: nn.Linear, folder: str | Path) -> Path:

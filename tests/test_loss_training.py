@@ -54,6 +54,7 @@ HYPERPARAMETERS = {
     "cpo": {"beta": 0.1, "cpo_alpha": 1.0},
     "orpo": {"beta": 0.1},
     "simpo": {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0},
+    "ppo": {"cliprange": 0.5, "gamma": 0.99, "lam": 0.95, "critic_coef": 0.01, "kl_coef": 0.1},
 }
 
 
@@ -193,6 +194,7 @@ JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kto": ("kto", ("--learning-rate", "1e-4")),
     "kto-unpaired": ("kto", ("--learning-rate", "1e-4", "--desirable-weight", "3")),
     "rm": ("rm", ("--learning-rate", "1e-4")),
+    "ppo": ("ppo", ("--learning-rate", "1e-4")),
     # CSFT has to learn what two brand-new tokens mean: a higher rate, a few more steps, and no
     # length bucketing (refusals are short, so bucketing makes most microbatches one-label).
     "csft": ("csft", ("--learning-rate", "3e-3", "--max-steps", "40", "--no-length-bucketing")),
@@ -366,6 +368,18 @@ def test_reward_model_writes_its_head_and_scores_chosen_above_rejected(job: str,
     assert len(scores) == TEST_PAIRS
     wins = sum(s["chosen"] > s["rejected"] for s in scores) / len(scores)
     assert wins > 0.5, scores[:5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["ppo"])
+def test_offline_ppo_raises_desirable_over_undesirable_log_ratios(job: str, runs: Runs) -> None:
+    run = runs.get(job)
+    assert f"train (unpaired): tokenized {2 * TRAIN_PAIRS}:" in run.stdout  # pairs, converted
+    first, final = metrics(run.out, "train")[0], metrics(run.out, "eval")[-1]
+    # Step 1 scores the SFT model itself: ratio 1, so the policy loss is −mean(whitened Â) = 0.
+    assert abs(first["loss/policy"]) < 1e-4 and abs(first["objective/kl"]) < 1e-3, first
+    assert final["logratio/desirable"] > 0 > final["logratio/undesirable"], final
+    assert (run.out / "model" / "value_head.safetensors").is_file()
 
 
 def _embedding(model_dir: Path) -> torch.Tensor:

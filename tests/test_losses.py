@@ -178,6 +178,7 @@ SEED_DEFAULTS = {  # the seeds' names and defaults (ms-swift's docs; HALOs for S
     "cpo": {"beta": 0.1, "cpo_alpha": 1.0},
     "orpo": {"beta": 0.1},
     "simpo": {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0},
+    "ppo": {"cliprange": 0.5, "gamma": 0.99, "lam": 0.95, "critic_coef": 0.01, "kl_coef": 0.1},
 }
 
 
@@ -204,6 +205,7 @@ CAPABILITIES = {
     "simpo": ("paired", False, True, False, "causal_lm"),
     "orpo": ("paired", False, True, False, "causal_lm"),
     "rm": ("paired", False, False, False, "value_head"),
+    "ppo": ("unpaired", True, False, False, "causal_lm_value_head"),
 }
 
 

@@ -50,6 +50,20 @@ def test_chunked_logps_equal_naive_values_and_gradients(chunk_size: int) -> None
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_token_level_grid_is_the_naive_per_token_log_probs() -> None:
+    model = _model()
+    input_ids, attention_mask, loss_mask = _batch()
+    with torch.no_grad():
+        grid, mask = CausalLMLogps(model, 7, token_level=True)(input_ids, attention_mask, loss_mask)
+        sums, tokens = CausalLMLogps(model, 7)(input_ids, attention_mask, loss_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    naive = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    assert grid.shape == mask.shape == (4, 22) and torch.equal(mask, loss_mask[:, 1:])
+    torch.testing.assert_close(grid, naive * mask, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grid.sum(-1), sums, atol=0, rtol=0)
+    assert mask.sum(-1).tolist() == tokens.tolist()
+
+
 def test_chunks_never_hold_more_than_chunk_rows_of_logits() -> None:
     seen: list[tuple[int, ...]] = []
     head = torch.nn.Linear(8, 50, bias=False)

@@ -10,6 +10,7 @@ from halos.losses.base import (
     LossOutput,
     PairedLogps,
     SFTLogps,
+    TokenLogps,
     UnpairedLogps,
     preference_metrics,
 )
@@ -47,9 +48,10 @@ def build_loss(name: str, params: Mapping[str, Any] | None = None) -> AlignmentL
 
 
 # Importing the modules registers their losses.
-from halos.losses import cpo, csft, dpo, kto, rm, sft, slic  # noqa: E402, F401
+from halos.losses import cpo, csft, dpo, kto, ppo, rm, sft, slic  # noqa: E402, F401
 
 __all__ = [
-    "LOSSES", "AlignmentLoss", "LossOutput", "PairedLogps", "SFTLogps", "UnpairedLogps",
+    "LOSSES", "AlignmentLoss", "LossOutput", "PairedLogps", "SFTLogps", "TokenLogps",
+    "UnpairedLogps",
     "build_loss", "get_loss_class", "preference_metrics", "register_loss",
 ]
