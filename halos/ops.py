@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -40,14 +41,30 @@ def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) 
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def chunk_starts(rows: int, chunk_size: int, head: nn.Module) -> range:
+    """Start rows of the chunks in which `head` is applied to `rows` rows.
+
+    Under ZeRO-3 with several processes every call of `head` gathers its weight collectively,
+    so all ranks must make the same number of calls: each runs as many chunks as the rank with
+    the most scored tokens (the extra ones are empty).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"logits chunk size must be >= 1, got {chunk_size}")
+    chunks = -(-rows // chunk_size)
+    partitioned = any(hasattr(p, "ds_id") for p in head.parameters())
+    if partitioned and dist.is_initialized() and dist.get_world_size() > 1:
+        count = torch.tensor([chunks], dtype=torch.int64, device=next(head.parameters()).device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        chunks = int(count)
+    return range(0, chunks * chunk_size, chunk_size)
+
+
 def chunked_target_logps(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int = 1024
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for each row of `hidden` (M, H), via `head` in chunks."""
-    if chunk_size < 1:
-        raise ValueError(f"logits chunk size must be >= 1, got {chunk_size}")
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    for start in chunk_starts(hidden.shape[0], chunk_size, head):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_target_logps, h, t, head, use_reentrant=False))

@@ -38,7 +38,7 @@ from halos import rl
 from halos.batching import collate
 from halos.config import ONLINE_PPO, PPO_MODEL_OPTIONS, ConfigError, PPOConfig, ppo_hyperparameters
 from halos.metrics import MetricsLogger, reduce_mean, reduce_sum
-from halos.ops import CausalLMLogps, token_logps_from_hidden
+from halos.ops import CausalLMLogps, chunk_starts, token_logps_from_hidden
 from halos.value_head import VALUE_HEAD_FILE, ValueHeadModel, load_value_head
 
 FINAL_MODEL, VALUE_MODEL, SAMPLES_FILE = "model", "value_model", "samples.jsonl"
@@ -86,7 +86,7 @@ class TokenLogps(CausalLMLogps):
 def _mean_entropy(hidden: torch.Tensor, head: nn.Module, chunk_size: int) -> torch.Tensor:
     """Mean entropy of softmax(head(h)) over the rows of `hidden` (M, H), `chunk_size` at once."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
+    for start in chunk_starts(hidden.shape[0], chunk_size, head):
         logps = torch.log_softmax(head(hidden[start : start + chunk_size]).float(), dim=-1)
         total += -(logps.exp() * logps).sum()
     return total / max(1, hidden.shape[0])

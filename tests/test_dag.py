@@ -64,13 +64,13 @@ def test_archangel_plans_every_job_in_seconds(tmp_path: Path):
     jobs = dry_run(tmp_path, "--config", "suite=" + str(REPO / "configs/suites/archangel.yaml"))
     elapsed = time.monotonic() - start
     n = count(jobs)
-    # 7 models x (sft + csft/dpo/kto/slic on base + on SFT) on the SHP+HH+OASST1 mix; ppo pending.
+    # 7 models x (sft + csft/dpo/kto/ppo/slic on base + on SFT) on the SHP+HH+OASST1 mix.
     assert n["prepare_data"] == 3 and n["mix_data"] == 1
     assert n["sft"] == 7 and n["ref_logps"] == 7 and n["ref_logps_base"] == 7
-    assert n["align"] == 7 * 8 and n["eval_preference"] == 7 * 9 and n["report"] == 1
+    assert n["align"] == 7 * 10 and n["eval_preference"] == 7 * 11 and n["report"] == 1
     assert "tiny_model" not in n  # Hub models
-    # Every policy (sft + 8 aligned) is sampled and run through lm-eval; the 8 aligned are judged.
-    assert n["sample"] == n["eval_lm"] == 7 * 9 and n["eval_judge"] == 7 * 8
+    # Every policy (sft + 10 aligned) is sampled and run through lm-eval; the 10 are judged.
+    assert n["sample"] == n["eval_lm"] == 7 * 11 and n["eval_judge"] == 7 * 10
     print(f"archangel: {len(jobs)} jobs planned in {elapsed:.1f} s")
     assert elapsed < 120  # seconds on an idle machine; generous for shared CI cores
 
@@ -78,10 +78,10 @@ def test_archangel_plans_every_job_in_seconds(tmp_path: Path):
 def test_tiny_suite_plans_every_stage(tmp_path: Path):
     n = count(dry_run(tmp_path))
     assert n["prepare_data"] == 1 and n["tiny_model"] == 2 and n["sft"] == 2
-    assert n["ref_logps"] == 2 and n["reward_model"] == 2 and n["align"] == 20
+    assert n["ref_logps"] == 2 and n["reward_model"] == 2 and n["align"] == 22
     assert n["ppo"] == 2  # online PPO against each model's reward model
-    assert n["sample"] == 24 and n["eval_judge"] == 22 and n["eval_preference"] == 26
-    assert n["eval_lm"] == 24  # the local lm-eval tasks on every policy checkpoint
+    assert n["sample"] == 26 and n["eval_judge"] == 24 and n["eval_preference"] == 28
+    assert n["eval_lm"] == 26  # the local lm-eval tasks on every policy checkpoint
 
 
 def test_lint_is_clean_but_for_conda():

@@ -172,9 +172,19 @@ def test_zero3_on_two_cpu_processes_trains(launcher: str, sft_model: Path, synth
     out = tmp_path / "zero3"
     fast = list(FAST)
     fast[fast.index("--deepspeed") + 1] = "zero3"
+    # Small logits chunks: the ranks score different numbers of tokens, hence make different
+    # numbers of LM-head calls unless they agree on one (each call gathers the head under ZeRO-3).
+    fast += ["--logits-chunk-size", "16"]
+    sharded_reference = tmp_path / "ref_logps.pt"
+    run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out",
+              sharded_reference, *fast, launcher=LAUNCHERS[launcher], timeout=300)
+    single, sharded = (torch.load(p, weights_only=True) for p in (reference, sharded_reference))
+    assert torch.equal(single["keys"], sharded["keys"])
+    torch.testing.assert_close(sharded["sums"], single["sums"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sharded["token_logps"], single["token_logps"], atol=1e-4, rtol=1e-5)
     run_halos("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data,
-              "--ref-logps", reference, "--out", out, *fast, "--max-steps", "6",
-              "--learning-rate", "1e-4", launcher=LAUNCHERS[launcher])
+              "--ref-logps", sharded_reference, "--out", out, *fast, "--max-steps", "6",
+              "--learning-rate", "1e-4", launcher=LAUNCHERS[launcher], timeout=300)
     summary = json.loads((out / "model" / "halos_training.json").read_text())
     assert summary["world_size"] == 2
     log = metrics(out, "train")
