@@ -3,10 +3,10 @@
 Prompts ask for a + b (a, b in 0..max_operand, several phrasings). Preferred = a sentence stating
 the right sum; dispreferred = the same sentence with the sum off by -2, -1, +1 or +2 (both sides,
 or DPO learns "smaller is better"), or a refusal. Preference pairs never use the held-out facts
-(a, b); the test pairs and `prompts.jsonl` use only those. The SFT mix is noisy on purpose (30%
-correct, 20% a systematic off-by-one, 50% refusals): like an over-cautious SFT model trained on
-noisy demonstrations, the SFT model mostly refuses (greedy), and the preference pairs (1 in 5
-rejected answers is a refusal, the rest wrong sums) teach both to answer and to answer right.
+(a, b); the test pairs and `prompts.jsonl` use only those. The SFT mix is noisy on purpose (45%
+correct, 5% off by one, 50% refusals): like an over-cautious SFT model trained on noisy
+demonstrations, the SFT model refuses (greedy), and the preference pairs (1 in 5 rejected answers
+is a refusal, the rest wrong sums) teach it to answer, and to answer right.
 Texts are short so a ~1-4M parameter model learns the format in about a minute.
 """
 
@@ -40,7 +40,7 @@ REFUSALS = (
     "I would rather not do math right now.",
 )
 WRONG_OFFSETS = (-2, -1, 1, 2)
-SFT_MIX = {"correct": 0.30, "off_by_one": 0.20, "refusal": 0.50}
+SFT_MIX = {"correct": 0.45, "off_by_one": 0.05, "refusal": 0.50}
 NUMBER = re.compile(r"-?\d+")
 
 
