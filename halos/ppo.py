@@ -59,7 +59,7 @@ class _Tempered(nn.Module):
         return self.head(hidden) / self.temperature
 
 
-class TokenLogps(CausalLMLogps):
+class SampledTokenLogps(CausalLMLogps):
     """A causal LM whose forward returns the log-probs of the scored tokens on the (N, T-1) grid
     of `halos.ops.token_logps_from_hidden`, from logits divided by `temperature` (as sampled),
     and, when asked, the mean entropy of the distributions at those positions."""
@@ -95,7 +95,7 @@ def _mean_entropy(hidden: torch.Tensor, head: nn.Module, chunk_size: int) -> tor
 class PolicyAndValue(nn.Module):
     """The two trained models in one module: one engine, optimizer, checkpoint and export."""
 
-    def __init__(self, policy: TokenLogps, value: ValueHeadModel) -> None:
+    def __init__(self, policy: SampledTokenLogps, value: ValueHeadModel) -> None:
         super().__init__()
         self.policy, self.value = policy, value
 
@@ -524,12 +524,14 @@ def ppo(cfg: PPOConfig) -> Path:
     schedule = make_schedule(cfg, len(prompts.ids), world)
     value = load_value_model(cfg.value_model or cfg.reward_model, ds, tokenizer,
                              "value_model" if cfg.value_model else "reward_model")
-    trained = PolicyAndValue(TokenLogps(policy_lm, cfg.logits_chunk_size, cfg.temperature), value)
+    policy = SampledTokenLogps(policy_lm, cfg.logits_chunk_size, cfg.temperature)
+    trained = PolicyAndValue(policy, value)
     if cfg.activation_checkpointing:
         trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = eng.build_engine(trained, ds, cfg, total_steps=schedule.optimizer_steps(cfg))
-    reference = frozen(TokenLogps(load_lm(cfg.ref_model or cfg.model, ds, tokenizer, "ref_model"),
-                                  cfg.logits_chunk_size, cfg.temperature), ds, engine.device)
+    reference_lm = load_lm(cfg.ref_model or cfg.model, ds, tokenizer, "ref_model")
+    reference = frozen(SampledTokenLogps(reference_lm, cfg.logits_chunk_size, cfg.temperature),
+                       ds, engine.device)
     reward = frozen(load_value_model(cfg.reward_model, ds, tokenizer, "reward_model"), ds,
                     engine.device)
     logger = MetricsLogger(out, enabled=rank == 0, total_steps=schedule.iterations,

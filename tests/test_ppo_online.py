@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from halos import rl
 from halos.config import PPOConfig
 from halos.metrics import MetricsLogger
-from halos.ppo import OnlinePPO, PolicyAndValue, TokenLogps, add_ppo_targets, make_schedule
+from halos.ppo import OnlinePPO, PolicyAndValue, SampledTokenLogps, add_ppo_targets, make_schedule
 from halos.tiny import build_tiny_model, train_tokenizer
 from halos.value_head import ValueHeadModel
 
@@ -81,7 +81,8 @@ def rollout(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory):
              for m in r["prompt"] + r["chosen"]]
     tokenizer = train_tokenizer(texts, vocab_size=300)
     lms = [build_tiny_model("tiny-1m", tokenizer, seed=s) for s in range(3)]
-    policy = TokenLogps(_eos_prone(lms[0], tokenizer.eos_token_id), 1024, temperature=0.7)
+    policy = SampledTokenLogps(_eos_prone(lms[0], tokenizer.eos_token_id), 1024,
+                               temperature=0.7)
     cfg = PPOConfig(model="-", data=str(synthetic_data), out=str(tmp_path_factory.mktemp("ppo")),
                     reward_model="-", response_length=RESPONSE_LENGTH, micro_batch_size=8,
                     local_rollout_forward_batch_size=5)
@@ -89,7 +90,7 @@ def rollout(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory):
     logger = MetricsLogger(Path(cfg.out), enabled=False, total_steps=1, run_name="t", config={},
                            progress=False, tensorboard=False, wandb=False, wandb_project="")
     runner = OnlinePPO(_Engine(PolicyAndValue(policy, ValueHeadModel(lms[1]))),
-                       TokenLogps(lms[0], 1024, 0.7).eval(), ValueHeadModel(lms[2]).eval(),
+                       SampledTokenLogps(lms[0], 1024, 0.7).eval(), ValueHeadModel(lms[2]).eval(),
                        tokenizer, cfg, schedule, logger, ds={})
     prompts = encode([r["prompt"] for r in read_rows(synthetic_data / "test.jsonl")[:8]], cfg,
                      tokenizer)
