@@ -138,7 +138,7 @@ def test_synthetic_judge_agrees_with_labels_and_facts_are_held_out():
              for split in ("train", "test", "prompts")}
     assert not facts["train"] & facts["test"] and facts["prompts"] <= facts["test"]
     correct = sum(synthetic.judge(r["prompt"], r["completion"][0]["content"]) for r in splits["sft"])
-    assert 0.25 < correct / len(splits["sft"]) < 0.35  # noisy SFT: about 30% correct
+    assert 0.40 < correct / len(splits["sft"]) < 0.50  # noisy SFT: about 45% correct
     wrong_by = {int(synthetic.NUMBER.findall(r["rejected"][0]["content"])[-1]) - sum(
         synthetic.operands(r["prompt"])) for r in splits["train"]
         if synthetic.NUMBER.findall(r["rejected"][0]["content"])}
