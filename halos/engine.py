@@ -220,6 +220,21 @@ def load_checkpoint(engine, root: Path, tag: str) -> dict[str, Any]:
     return client_state
 
 
+def resume_latest(engine, root: Path, fingerprint: str) -> dict[str, Any] | None:
+    """Load the latest complete checkpoint under `root` and return its client state plus its
+    "path" (None if there is none); refuse one saved by a run with other options, whose batches
+    and schedule would not line up."""
+    tag = latest_checkpoint(root)
+    if tag is None:
+        return None
+    state = load_checkpoint(engine, root, tag)
+    if state.get("fingerprint") != fingerprint:
+        raise RuntimeError(
+            f"{root / tag} belongs to a run with other options (or world size); "
+            f"delete {root} to start over, or rerun with the original options")
+    return {**state, "path": str(root / tag)}
+
+
 def consolidated_state_dict(engine, ds: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The full state dict on rank 0 (None elsewhere); gathers ZeRO-3 shards layer by layer."""
     if zero_stage(ds) == 3:

@@ -458,16 +458,11 @@ class OnlinePPO:
 
     # ------------------------------------------------------------------ checkpoints, export
     def resume(self) -> int:
-        tag = eng.latest_checkpoint(self.checkpoints)
-        if tag is None:
+        state = eng.resume_latest(self.engine, self.checkpoints, self.fingerprint)
+        if state is None:
             return 0
-        state = eng.load_checkpoint(self.engine, self.checkpoints, tag)
-        if state.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(
-                f"{self.checkpoints / tag} belongs to a run with other options (or world size); "
-                f"delete {self.checkpoints} to start over, or rerun with the original options")
         step = int(state["step"])
-        self.logger.message(f"[halos] resumed from {self.checkpoints / tag} at iteration {step}")
+        self.logger.message(f"[halos] resumed from {state['path']} at iteration {step}")
         self.logger.advance(step)
         if self.rank == 0:  # samples of iterations after the checkpoint are sampled again
             _keep_rows(self.out / SAMPLES_FILE, lambda row: row["step"] <= step)

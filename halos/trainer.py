@@ -161,15 +161,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> int:
-        tag = eng.latest_checkpoint(self.checkpoints)
-        if tag is None:
+        state = eng.resume_latest(self.engine, self.checkpoints, self.fingerprint)
+        if state is None:
             return 0
-        state = eng.load_checkpoint(self.engine, self.checkpoints, tag)
-        if state.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(
-                f"{self.checkpoints / tag} belongs to a run with other options (or world size); "
-                f"delete {self.checkpoints} to start over, or rerun with the original options")
-        self.logger.message(f"[halos] resumed from {self.checkpoints / tag} at step {state['step']}")
+        self.logger.message(f"[halos] resumed from {state['path']} at step {state['step']}")
         self.logger.advance(0)
         return int(state["step"])
 
