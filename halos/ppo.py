@@ -502,15 +502,11 @@ def run_fingerprint(cfg: PPOConfig, world_size: int) -> str:
 # ----------------------------------------------------------------------------- the command
 def ppo(cfg: PPOConfig) -> Path:
     """Train the policy of `cfg.model` with online PPO against `cfg.reward_model`."""
-    from halos.train import check_fits, seed_everything
+    from halos.train import check_fits, start_run
 
     cfg.validate()
-    out, final = Path(cfg.out), Path(cfg.out) / FINAL_MODEL
-    if final.exists() and not cfg.overwrite:
-        raise ConfigError(f"{final} already holds a finished model; pass --overwrite to retrain")
-    rank, world = eng.init_distributed()
-    seed_everything(cfg.seed)
-    ds = eng.deepspeed_config(cfg)
+    out = Path(cfg.out)
+    final, rank, world, ds = start_run(cfg)
 
     policy_lm, tokenizer = eng.load_causal_lm(cfg.model, ds)
     check_fits(policy_lm, cfg)

@@ -33,12 +33,8 @@ FINAL_MODEL = "model"
 def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     loss = build_loss(cfg.loss, cfg.loss_params)
-    out, final = Path(cfg.out), Path(cfg.out) / FINAL_MODEL
-    if final.exists() and not cfg.overwrite:
-        raise ConfigError(f"{final} already holds a finished model; pass --overwrite to retrain")
-    rank, world = eng.init_distributed()
-    seed_everything(cfg.seed)
-    ds = eng.deepspeed_config(cfg)
+    out = Path(cfg.out)
+    final, rank, world, ds = start_run(cfg)
 
     model, tokenizer = eng.load_causal_lm(cfg.model, ds, loss.extra_special_tokens)
     check_fits(model, cfg)
@@ -81,6 +77,17 @@ def train(cfg: TrainConfig) -> Path:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     logger.close()
     return final
+
+
+def start_run(cfg: TrainConfig) -> tuple[Path, int, int, dict]:
+    """Refuse to overwrite a finished model, join the process group, seed everything and fill
+    the DeepSpeed config: (final model folder, rank, world size, DeepSpeed config)."""
+    final = Path(cfg.out) / FINAL_MODEL
+    if final.exists() and not cfg.overwrite:
+        raise ConfigError(f"{final} already holds a finished model; pass --overwrite to retrain")
+    rank, world = eng.init_distributed()
+    seed_everything(cfg.seed)
+    return final, rank, world, eng.deepspeed_config(cfg)
 
 
 def check_fits(model: torch.nn.Module, cfg: TrainConfig) -> None:
