@@ -133,6 +133,7 @@ def pack_token_logps(batch: Batch, logps: torch.Tensor, mask: torch.Tensor,
     `batch` (chosen then rejected for pairs), labels of an unpaired batch."""
     return TokenLogps(logps, mask, batch.desirable, values)
 
+
 def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, world_size: int,
                epochs: int, seed: int, bucketing: bool,
                labels: list[bool] | None = None) -> list[list[list[int]]]:

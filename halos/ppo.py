@@ -38,7 +38,7 @@ from halos import rl
 from halos.batching import collate
 from halos.config import ONLINE_PPO, PPO_MODEL_OPTIONS, ConfigError, PPOConfig, ppo_hyperparameters
 from halos.metrics import MetricsLogger, reduce_mean, reduce_sum
-from halos.ops import CausalLMLogps, chunk_starts, token_logps_from_hidden
+from halos.ops import CausalLMLogps, backbone_hidden, chunk_starts, token_logps_from_hidden
 from halos.value_head import VALUE_HEAD_FILE, ValueHeadModel, load_value_head
 
 FINAL_MODEL, VALUE_MODEL, SAMPLES_FILE = "model", "value_model", "samples.jsonl"
@@ -71,8 +71,7 @@ class SampledTokenLogps(CausalLMLogps):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 loss_mask: torch.Tensor, with_entropy: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state  # (N, T, H)
+        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
         head = self.model.get_output_embeddings()
         if self.temperature != 1.0:
             head = _Tempered(head, self.temperature)

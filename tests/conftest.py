@@ -60,3 +60,13 @@ def tiny_model(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 # Small, fast options shared by the training tests.
 FAST = ("--deepspeed", "zero0", "--micro-batch-size", "8", "--eval-examples", "16",
         "--no-progress", "--max-length", "64", "--max-prompt-length", "32")
+
+
+@pytest.fixture(scope="session")
+def sft_model(tiny_model: Path, synthetic_data: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a short SFT run (read-only: tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("sft")
+    run_halos("sft", "--model", tiny_model, "--data", synthetic_data, "--out", out, *FAST,
+              "--learning-rate", "3e-3", "--micro-batch-size", "32", "--warmup-steps", "5")
+    return out / "model"

@@ -164,15 +164,6 @@ def unpaired_data(pref_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sft_model(tiny_model: Path, synthetic_data: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sft")
-    run_halos("sft", "--model", tiny_model, "--data", synthetic_data, "--out", out, *FAST,
-              "--learning-rate", "3e-3", "--micro-batch-size", "32", "--warmup-steps", "5")
-    return out / "model"
-
-
-@pytest.fixture(scope="module")
 def reference(sft_model: Path, pref_data: Path) -> Path:
     out = pref_data.parent / "ref_logps.pt"
     run_halos("ref-logps", "--model", sft_model, "--data", pref_data, "--out", out, *FAST,

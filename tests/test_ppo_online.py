@@ -160,15 +160,6 @@ def test_bad_options_name_the_option(synthetic_data: Path, tiny_model: Path, tmp
 
 # ================================================================== the real CLI
 @pytest.fixture(scope="module")
-def sft_model(tiny_model: Path, synthetic_data: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sft")
-    run_halos("sft", "--model", tiny_model, "--data", synthetic_data, "--out", out, *FAST,
-              "--learning-rate", "3e-3", "--micro-batch-size", "32", "--warmup-steps", "5")
-    return out / "model"
-
-
-@pytest.fixture(scope="module")
 def reward_model(sft_model: Path, synthetic_data: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rm")

@@ -24,14 +24,6 @@ def metrics(out: Path, split: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sft_model(tiny_model: Path, synthetic_data: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft")
-    run_halos("sft", "--model", tiny_model, "--data", synthetic_data, "--out", out, *FAST,
-              "--learning-rate", "3e-3", "--micro-batch-size", "32", "--warmup-steps", "5")
-    return out / "model"
-
-
-@pytest.fixture(scope="module")
 def reference(sft_model: Path, synthetic_data: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "ref_logps.pt"
     run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out", out, *FAST)
