@@ -5,8 +5,10 @@
     snakemake --cores all --config suite=configs/suites/archangel.yaml -n   # plan another suite
 
 The suite file (default configs/suites/tiny.yaml) names the tables and picks their rows;
-rules/common.smk loads and validates them through halos/suite.py. Each stage is one file under
-rules/, and every rule shells out to the `halos` CLI. Artifacts: docs/architecture.md.
+rules/common.smk loads and validates them through halos/suite/. Each stage is one file under
+rules/, and every rule shells out to the `halos` CLI; its arguments come from
+halos/suite/jobs.py, its resources from halos/suite/resources.py. Artifacts (each suite under
+results/{suite}/): docs/architecture.md.
 """
 
 from snakemake.utils import min_version

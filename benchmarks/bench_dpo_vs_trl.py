@@ -140,7 +140,7 @@ def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from halos.tiny import train_tokenizer
+    from halos.models.tiny import train_tokenizer
 
     data, model_dir = work / "data", work / "model"
     rows = generate_rows(pairs + max(8, pairs // 8), SEED)  # + a held-out test split
@@ -324,7 +324,7 @@ def static_stats(data: Path, model_dir: Path) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from halos.batching import example_length, plan_steps
+    from halos.train.batching import example_length, plan_steps
 
     pairs, _ = tokenized_pairs(data, model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)

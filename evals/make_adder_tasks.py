@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 
 from halos.data import synthetic
-from halos.io import write_jsonl
+from halos.files import write_jsonl
 
 HERE = Path(__file__).resolve().parent
 

@@ -124,21 +124,23 @@ def _train_parser(command: str, argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def _run_train(command: str, argv: Sequence[str]) -> int:
-    from halos.train import reference_logps, train
-
     args = _train_parser(command, argv).parse_args(argv)
     fixed = {"loss": "sft"} if command == "sft" else {}
     cfg = _config_from(args, fixed, _CONFIG[command])
     if command == "ref-logps":
+        from halos.train.reference_pass import reference_logps
+
         reference_logps(cfg)
         return 0
     if command == "ppo":
-        from halos.ppo import ppo
+        from halos.rl.online_ppo import ppo
 
         final = ppo(cfg)
     else:
+        from halos.train.run import train
+
         final = train(cfg)
-    from halos.engine import is_main
+    from halos.train.distributed import is_main
 
     if is_main():
         print(f"[halos] finished: {final}", flush=True)
@@ -147,7 +149,7 @@ def _run_train(command: str, argv: Sequence[str]) -> int:
 
 def _run_tiny_model(argv: Sequence[str]) -> int:
     from halos.data.prepare import read_rows
-    from halos.tiny import TINY_SIZES, save_tiny_model
+    from halos.models.tiny import TINY_SIZES, save_tiny_model
 
     parser = argparse.ArgumentParser(prog="halos tiny-model",
                                      description="Create a built-in tiny Llama and its tokenizer.")
@@ -175,8 +177,8 @@ def _run_score(argv: Sequence[str]) -> int:
 
     from halos.data.prepare import read_rows
     from halos.data.tokenize import tokenize_unpaired
-    from halos.io import write_jsonl
-    from halos.value_head import score_texts
+    from halos.files import write_jsonl
+    from halos.models.value_head import score_texts
 
     parser = argparse.ArgumentParser(prog="halos score", description=(
         "Score (prompt, response) pairs with a reward model trained by `halos align --loss rm`."))

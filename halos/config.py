@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from halos.models import VALUE_HEAD_FILE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED_CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
 
@@ -168,8 +170,8 @@ class PPOConfig(TrainConfig):
             folder = getattr(self, name)
             if folder and not Path(folder).is_dir():
                 raise ConfigError(f"--{name.replace('_', '-')} {folder!r} is not a model folder")
-        if not (Path(self.reward_model) / "value_head.safetensors").is_file():
-            raise ConfigError(f"--reward-model {self.reward_model!r} has no value_head.safetensors; "
+        if not (Path(self.reward_model) / VALUE_HEAD_FILE).is_file():
+            raise ConfigError(f"--reward-model {self.reward_model!r} has no {VALUE_HEAD_FILE}; "
                               f"train a reward model with `halos align --loss rm`")
         for name in ("response_length", "local_rollout_forward_batch_size", "num_ppo_epochs",
                      "num_mini_batches"):

@@ -1,4 +1,4 @@
-# Load the suite once; everything else lives in halos/suite.py (unit-tested without Snakemake).
+# Load the suite once; everything else lives in halos/suite/ (unit-tested without Snakemake).
 import os
 import sys
 
@@ -8,6 +8,7 @@ import halos.suite as hs
 # activated (`.venv/bin/snakemake`); appended, so an explicit PATH entry still comes first.
 hs.add_to_path(os.path.dirname(sys.executable))
 SUITE = hs.load_suite(config.get("suite") or hs.DEFAULT_SUITE)
+PATHS = SUITE.layout  # results/{suite}/..., logs/{suite}/... (halos/suite/paths.py)
 for _loss, _why in SUITE.pending.items():
     print(f"[suite {SUITE.name}] loss row {_loss!r} left out: {_why}", file=sys.stderr)
 
@@ -27,11 +28,10 @@ localrules:
 
 def resources(stage):
     """`resources: **resources("train")`: each value read from the model's row per job."""
-    keys = ("mem_mb", "runtime", "nodes", "gres", "cpus_per_task", "tasks", "slurm_extra")
     if stage == "cpu":
         return hs.resources(None, None, "cpu")
     return {
-        k: (lambda wc, k=k: hs.resources(SUITE, wc.model, stage)[k]) for k in keys
+        k: (lambda wc, k=k: hs.resources(SUITE, wc.model, stage)[k]) for k in hs.RESOURCE_KEYS
     }
 
 

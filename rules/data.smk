@@ -1,15 +1,16 @@
 # Stage 1: data/{dataset}/ (normalized JSONL) and the built-in tiny base models, models/{model}/.
+# Both depend on their table row only, so every suite shares them.
 
 
 rule prepare_data:
     output:
-        directory("data/{dataset}"),
+        directory(hs.data_dir()),
     wildcard_constraints:
         dataset=hs.wildcard_pattern([d for d, r in SUITE.datasets.items() if "mix" not in r]),
     log:
-        "logs/prepare_data/{dataset}.log",
+        PATHS.log("prepare_data", "{dataset}"),
     benchmark:
-        "logs/prepare_data/{dataset}.benchmark.tsv"
+        PATHS.log("prepare_data", "{dataset}", "benchmark.tsv")
     params:
         args=lambda wc: hs.prepare_args(SUITE, wc.dataset),
     threads: 1
@@ -23,27 +24,29 @@ rule mix_data:
     input:
         lambda wc: hs.mix_parts(SUITE, wc.dataset),
     output:
-        directory("data/{dataset}"),
+        directory(hs.data_dir()),
     wildcard_constraints:
         dataset=hs.wildcard_pattern([d for d, r in SUITE.datasets.items() if "mix" in r]),
     log:
-        "logs/mix_data/{dataset}.log",
+        PATHS.log("mix_data", "{dataset}"),
+    params:
+        args=lambda wc: hs.mix_args(SUITE, wc.dataset),
     threads: 1
-    run:
-        hs.mix_datasets(input, output[0])
+    shell:
+        "halos data mix {params.args} > {log} 2>&1"
 
 
 rule tiny_model:
     input:
         lambda wc: hs.data_dir(SUITE.models[wc.model]["tiny_corpus"]),
     output:
-        directory("models/{model}"),
+        directory(hs.base_model_dir()),
     wildcard_constraints:
         model=hs.wildcard_pattern([m for m in SUITE.models if SUITE.is_builtin(m)]),
     log:
-        "logs/tiny_model/{model}.log",
+        PATHS.log("tiny_model", "{model}"),
     benchmark:
-        "logs/tiny_model/{model}.benchmark.tsv"
+        PATHS.log("tiny_model", "{model}", "benchmark.tsv")
     params:
         args=lambda wc: hs.tiny_model_args(SUITE, wc.model),
     threads: 1

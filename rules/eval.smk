@@ -1,17 +1,17 @@
-# Stage 5: evaluation of every run into results/{model}/{dataset}/{loss}/eval/. The suite's
-# `eval:` section picks what runs (judge, sampling, lm-eval tasks); hs.eval_files lists it.
+# Stage 5: evaluation of every run into results/{suite}/{model}/{dataset}/{loss}/eval/. The
+# suite's `eval:` section picks what runs (judge, sampling, lm-eval tasks); hs.eval_files lists it.
 
 
 rule sample:
     input:
-        model="results/{model}/{dataset}/{loss}/model",
-        data="data/{dataset}",
+        model=PATHS.model(),
+        data=hs.data_dir(),
     output:
-        "results/{model}/{dataset}/{loss}/eval/samples.jsonl",
+        PATHS.eval_file("samples.jsonl"),
     log:
-        "logs/sample/{model}/{dataset}/{loss}.log",
+        PATHS.log("sample", "{model}/{dataset}/{loss}"),
     benchmark:
-        "logs/sample/{model}/{dataset}/{loss}.benchmark.tsv"
+        PATHS.log("sample", "{model}/{dataset}/{loss}", "benchmark.tsv")
     params:
         launch=launch,
         args=run_args(hs.sample_args),
@@ -24,19 +24,13 @@ rule sample:
 
 rule eval_preference:
     input:
-        unpack(
-            lambda wc: {
-                "model": f"results/{wc.model}/{wc.dataset}/{wc.loss}/model",
-                "data": hs.data_dir(wc.dataset),
-                "ref": hs.preference_ref(SUITE, wc.model, wc.dataset, wc.loss) or [],
-            }
-        ),
+        unpack(run_inputs(hs.preference_inputs)),
     output:
-        "results/{model}/{dataset}/{loss}/eval/preference.json",
+        PATHS.eval_file("preference.json"),
     log:
-        "logs/eval_preference/{model}/{dataset}/{loss}.log",
+        PATHS.log("eval_preference", "{model}/{dataset}/{loss}"),
     benchmark:
-        "logs/eval_preference/{model}/{dataset}/{loss}.benchmark.tsv"
+        PATHS.log("eval_preference", "{model}/{dataset}/{loss}", "benchmark.tsv")
     params:
         launch=launch,
         args=run_args(hs.preference_args),
@@ -50,14 +44,14 @@ rule eval_preference:
 # The judge compares a run's samples with the SFT model's (the baseline) on the same prompts.
 rule eval_judge:
     input:
-        samples="results/{model}/{dataset}/{loss}/eval/samples.jsonl",
-        baseline="results/{model}/{dataset}/sft/eval/samples.jsonl",
+        samples=PATHS.eval_file("samples.jsonl"),
+        baseline=PATHS.eval_file("samples.jsonl", loss=hs.SFT),
     output:
-        "results/{model}/{dataset}/{loss}/eval/judge.json",
+        PATHS.eval_file("judge.json"),
     log:
-        "logs/eval_judge/{model}/{dataset}/{loss}.log",
+        PATHS.log("eval_judge", "{model}/{dataset}/{loss}"),
     benchmark:
-        "logs/eval_judge/{model}/{dataset}/{loss}.benchmark.tsv"
+        PATHS.log("eval_judge", "{model}/{dataset}/{loss}", "benchmark.tsv")
     params:
         args=run_args(hs.judge_args),
     threads: 1
@@ -69,13 +63,13 @@ rule eval_judge:
 
 rule eval_lm:
     input:
-        model="results/{model}/{dataset}/{loss}/model",
+        model=PATHS.model(),
     output:
-        "results/{model}/{dataset}/{loss}/eval/lm_eval.json",
+        PATHS.eval_file("lm_eval.json"),
     log:
-        "logs/eval_lm/{model}/{dataset}/{loss}.log",
+        PATHS.log("eval_lm", "{model}/{dataset}/{loss}"),
     benchmark:
-        "logs/eval_lm/{model}/{dataset}/{loss}.benchmark.tsv"
+        PATHS.log("eval_lm", "{model}/{dataset}/{loss}", "benchmark.tsv")
     params:
         launch=launch,
         args=run_args(hs.lm_eval_args),

@@ -5,12 +5,12 @@
 
 rule publish:
     input:
-        model="results/{model}/{dataset}/{loss}/model",
+        model=PATHS.model(),
         evals=run_inputs(lambda s, m, d, l: hs.eval_files(s, hs.Run(m, d, l))),
     output:
-        "results/{model}/{dataset}/{loss}/published.json",
+        PATHS.published(),
     log:
-        "logs/publish/{model}/{dataset}/{loss}.log",
+        PATHS.log("publish", "{model}/{dataset}/{loss}"),
     params:
         args=run_args(hs.publish_args),
     threads: 1

@@ -4,14 +4,14 @@
 
 rule ref_logps:
     input:
-        model="results/{model}/{dataset}/sft/model",
-        data="data/{dataset}",
+        model=PATHS.model(loss=hs.SFT),
+        data=hs.data_dir(),
     output:
-        "results/{model}/{dataset}/ref_logps.pt",
+        PATHS.reference(base=False),
     log:
-        "logs/ref_logps/{model}/{dataset}.log",
+        PATHS.log("ref_logps", "{model}/{dataset}"),
     benchmark:
-        "logs/ref_logps/{model}/{dataset}.benchmark.tsv"
+        PATHS.log("ref_logps", "{model}/{dataset}", "benchmark.tsv")
     params:
         launch=launch,
         args=lambda wc: hs.ref_args(SUITE, wc.model, wc.dataset, base=False),
@@ -26,11 +26,11 @@ rule ref_logps_base:
     input:
         unpack(lambda wc: {"data": hs.data_dir(wc.dataset), "model": hs.local_model_inputs(SUITE, wc.model)}),
     output:
-        "results/{model}/{dataset}/ref_logps_base.pt",
+        PATHS.reference(base=True),
     log:
-        "logs/ref_logps_base/{model}/{dataset}.log",
+        PATHS.log("ref_logps_base", "{model}/{dataset}"),
     benchmark:
-        "logs/ref_logps_base/{model}/{dataset}.benchmark.tsv"
+        PATHS.log("ref_logps_base", "{model}/{dataset}", "benchmark.tsv")
     params:
         launch=launch,
         args=lambda wc: hs.ref_args(SUITE, wc.model, wc.dataset, base=True),

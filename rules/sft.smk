@@ -1,4 +1,4 @@
-# Stage 2: SFT per model x dataset (the losses-table row "sft"): results/{model}/{dataset}/sft/.
+# Stage 2: SFT per model x dataset (the losses-table row "sft"): results/{suite}/{model}/{dataset}/sft/.
 # Only model/ is the output: checkpoints/ beside it survives an interrupted job, and the rerun
 # resumes from it (`halos sft` resumes by itself).
 
@@ -7,11 +7,11 @@ rule sft:
     input:
         unpack(lambda wc: hs.train_inputs(SUITE, wc.model, wc.dataset, hs.SFT)),
     output:
-        directory("results/{model}/{dataset}/sft/model"),
+        directory(PATHS.model(loss=hs.SFT)),
     log:
-        "logs/sft/{model}/{dataset}.log",
+        PATHS.log("sft", "{model}/{dataset}"),
     benchmark:
-        "logs/sft/{model}/{dataset}.benchmark.tsv"
+        PATHS.log("sft", "{model}/{dataset}", "benchmark.tsv")
     params:
         launch=launch,
         args=lambda wc: hs.sft_args(SUITE, wc.model, wc.dataset),

@@ -25,7 +25,7 @@ def main(argv):
     if command in ("sft", "align", "ppo"):
         (out / "model").mkdir(parents=True)
         (out / "model" / "config.json").write_text(json.dumps({"args": argv}))
-    elif command in ("tiny-model", "data prepare"):
+    elif command in ("tiny-model", "data prepare", "data mix"):
         out.mkdir(parents=True)
         for name in ("train.jsonl", "test.jsonl", "sft.jsonl", "prompts.jsonl"):
             (out / name).write_text("{}\n")

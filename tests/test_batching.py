@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from halos.batching import kl_partners, plan_steps
+from halos.train.batching import kl_partners, plan_steps
 
 
 def _plan(**kw):

@@ -78,7 +78,8 @@ def test_archangel_plans_every_job_in_seconds(tmp_path: Path):
 def test_tiny_suite_plans_every_stage(tmp_path: Path):
     n = count(dry_run(tmp_path))
     assert n["prepare_data"] == 1 and n["tiny_model"] == 2 and n["sft"] == 2
-    assert n["ref_logps"] == 2 and n["reward_model"] == 2 and n["align"] == 22
+    # 22 aligned policies + 2 reward models (class rm), both trained by `halos align`.
+    assert n["ref_logps"] == 2 and n["align"] == 22 + 2 and "reward_model" not in n
     assert n["ppo"] == 2  # online PPO against each model's reward model
     assert n["sample"] == 26 and n["eval_judge"] == 24 and n["eval_preference"] == 28
     assert n["eval_lm"] == 26  # the local lm-eval tasks on every policy checkpoint
@@ -148,7 +149,7 @@ def test_rerun_nothing_then_one_row_edit_reruns_only_its_jobs(tmp_path: Path, fa
     suite = micro_copy(tmp_path)
     config = ("--config", f"suite={suite}")
     snakemake(work, "--cores", "2", *config, env=fake_env)
-    assert (work / "results" / "leaderboard.md").is_file()
+    assert (work / "results" / "micro" / "leaderboard.md").is_file()
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert any(c.startswith("align --loss dpo") and "--beta 0.1" in c for c in calls)
 
@@ -201,10 +202,10 @@ def test_killed_run_is_finished_by_rerunning(tmp_path: Path, fake_env: dict, sig
     if signal == 9:  # no chance to clean up: the lock stays until --unlock
         snakemake(work, "--unlock", *config, env=fake_env)
     before = calls.read_text().splitlines()
-    assert not (work / "results/leaderboard.md").exists()
+    assert not (work / "results/micro/leaderboard.md").exists()
 
     result = snakemake(work, "--cores", "2", *config, env=fake_env)
-    assert (work / "results/leaderboard.md").is_file(), result.stderr[-3000:]
+    assert (work / "results/micro/leaderboard.md").is_file(), result.stderr[-3000:]
     rerun = calls.read_text().splitlines()[len(before):]
     assert any(c.startswith("align --loss dpo") for c in rerun)
     assert not any(c.startswith(("sft", "tiny-model", "data prepare")) for c in rerun)

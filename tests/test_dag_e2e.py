@@ -1,9 +1,12 @@
-"""The DAG for real, with the real `halos`: the micro suite killed midway and resumed, and (slow)
-the whole default tiny suite end to end with its leaderboard."""
+"""The DAG for real, with the real `halos`: the micro suite killed midway and resumed, a second
+suite beside it that must not touch it, and (slow) the whole default tiny suite end to end with
+its leaderboard."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.test_dag import MICRO, SNAKEFILE, dry_run, snakemake
+from tests.test_dag import MICRO, SNAKEFILE, count, dry_run, snakemake
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,20 +27,23 @@ def env() -> dict:
                 TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
 
 
-def leaderboard_rows(work: Path) -> list[dict]:
-    with open(work / "results" / "leaderboard.csv") as handle:
+def leaderboard_rows(work: Path, suite: str) -> list[dict]:
+    with open(work / "results" / suite / "leaderboard.csv") as handle:
         return list(csv.DictReader(handle))
 
 
-def test_micro_suite_killed_during_alignment_resumes_from_its_checkpoint(tmp_path: Path):
-    work = tmp_path / "work"
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The micro suite run for real: interrupted (Ctrl-C) once its dpo job has saved a
+    checkpoint, then rerun to the end. (work dir, the interrupted run's snakemake log)."""
+    work = tmp_path_factory.mktemp("micro") / "work"
     work.mkdir()
     config = ("--config", f"suite={MICRO}")
     command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(work),
                "--cores", "2", *config]
     proc = subprocess.Popen(command, env=env(), cwd=work, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = work / "results/tiny-1m/synthetic/sft+dpo/checkpoints/latest"
+    latest = work / "results/micro/tiny-1m/synthetic/sft+dpo/checkpoints/latest"
     deadline = time.monotonic() + 900
     while not latest.exists():  # the dpo job has saved a checkpoint: interrupt it (Ctrl-C)
         assert proc.poll() is None, "snakemake ended before the dpo job saved a checkpoint"
@@ -44,15 +51,60 @@ def test_micro_suite_killed_during_alignment_resumes_from_its_checkpoint(tmp_pat
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=300)
-    assert not (work / "results/tiny-1m/synthetic/sft+dpo/model").exists()
-    assert latest.exists(), "the checkpoint must survive (it is not a declared output)"
-
+    interrupted = {"model": (work / "results/micro/tiny-1m/synthetic/sft+dpo/model").exists(),
+                   "checkpoint": latest.exists()}
     snakemake(work, "--cores", "2", *config, env=env(), timeout=1200)
-    log = (work / "logs/align/tiny-1m/synthetic/sft+dpo.log").read_text()
+    return work, interrupted
+
+
+def test_micro_suite_killed_during_alignment_resumes_from_its_checkpoint(micro_run):
+    work, interrupted = micro_run
+    assert not interrupted["model"]
+    assert interrupted["checkpoint"], "the checkpoint must survive (it is not a declared output)"
+    log = (work / "logs/micro/align/tiny-1m/synthetic/sft+dpo.log").read_text()
     assert "resumed from" in log, log[-2000:]
-    rows = leaderboard_rows(work)
+    rows = leaderboard_rows(work, "micro")
     assert {r["loss"] for r in rows} == {"sft", "sft+dpo", "sft+kto"}
-    assert dry_run(work, *config, env=env()) == []
+    assert dry_run(work, "--config", f"suite={MICRO}", env=env()) == []
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """(mtime, sha256) of every file under root."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_suite_leaves_the_first_untouched(micro_run, tmp_path: Path):
+    """A copy of the micro suite with one changed row, under another name, in the same work
+    folder: it shares data/ and models/, trains into results/micro-b/, and the first suite's
+    results, logs and leaderboard stay byte for byte (and mtime for mtime) as they were."""
+    work, _ = micro_run
+    before = {d: _snapshot(work / d) for d in ("results/micro", "logs/micro", "data", "models")}
+    spec = yaml.safe_load(MICRO.read_text())
+    spec["name"] = "micro-b"
+    spec["tables"] = {k: str((MICRO.parent / v).resolve()) for k, v in spec["tables"].items()}
+    losses = yaml.safe_load(Path(spec["tables"]["losses"]).read_text())
+    losses["sft+kto"]["params"]["beta"] = 0.2
+    (tmp_path / "micro-b-losses.yaml").write_text(yaml.safe_dump(losses))
+    spec["tables"]["losses"] = str(tmp_path / "micro-b-losses.yaml")
+    (tmp_path / "micro-b.yaml").write_text(yaml.safe_dump(spec))
+
+    config = ("--config", f"suite={tmp_path / 'micro-b.yaml'}")
+    planned = count(dry_run(work, *config, env=env()))
+    assert "prepare_data" not in planned and "tiny_model" not in planned  # shared, identical
+    snakemake(work, "--cores", "2", *config, env=env(), timeout=1200)
+
+    for folder, files in before.items():
+        assert _snapshot(work / folder) == files, f"{folder} changed"
+    assert {r["loss"] for r in leaderboard_rows(work, "micro")} == {"sft", "sft+dpo", "sft+kto"}
+    second = leaderboard_rows(work, "micro-b")
+    assert {r["loss"] for r in second} == {"sft", "sft+dpo", "sft+kto"}
+    kto = "tiny-1m/synthetic/sft+kto/model/halos_training.json"
+    betas = [json.loads((work / "results" / suite / kto).read_text())["config"]["loss_params"]
+             for suite in ("micro", "micro-b")]
+    assert betas == [{"beta": 0.1}, {"beta": 0.2}]
+    assert dry_run(work, "--config", f"suite={MICRO}", env=env()) == []
 
 
 @pytest.mark.slow
@@ -65,12 +117,12 @@ def test_tiny_suite_end_to_end(tmp_path: Path):
     import halos.suite as hs
 
     suite = hs.load_suite()
-    rows = leaderboard_rows(tmp_path)
+    rows = leaderboard_rows(tmp_path, "tiny")
     assert {(r["model"], r["dataset"], r["loss"]) for r in rows} == {
         (r.model, r.dataset, r.loss) for r in suite.runs}
-    assert (tmp_path / "results/leaderboard.md").read_text().count("\n") >= len(suite.runs)
+    assert (tmp_path / "results/tiny/leaderboard.md").read_text().count("\n") >= len(suite.runs)
     check_leaderboard_values(suite, rows)
-    assert list((tmp_path / "results/plots").glob("*.png"))
+    assert list((tmp_path / "results/tiny/plots").glob("*.png"))
     for run in suite.runs:
         for path in hs.eval_files(suite, run):
             assert (tmp_path / path).is_file(), path

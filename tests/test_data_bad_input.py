@@ -16,7 +16,7 @@ from halos.data.errors import DataError, ErrorPolicy  # noqa: E402
 from halos.data.loaders import get_loader  # noqa: E402
 from halos.data.prepare import prepare_dataset, read_rows  # noqa: E402
 from halos.data.tokenize import tokenize_paired  # noqa: E402
-from halos.tiny import train_tokenizer  # noqa: E402
+from halos.models.tiny import train_tokenizer  # noqa: E402
 
 GOOD = {"prompt": [{"role": "user", "content": "2+2?"}],
         "chosen": [{"role": "assistant", "content": "4"}],

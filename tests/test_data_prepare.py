@@ -161,3 +161,20 @@ def test_judge_and_compare():
 def test_cli_synthetic(tmp_path, capsys):
     assert main(["data", "synthetic", "--out", str(tmp_path / "s"), "--seed", "1"]) == 0
     assert "train=3000" in capsys.readouterr().out
+
+
+def test_mix_datasets(tmp_path: Path):
+    from halos.data.errors import DataError
+    from halos.data.mix import mix_datasets
+
+    for part, n in (("a", 2), ("b", 3)):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "train.jsonl").write_text("{}\n" * n)
+        (tmp_path / part / "test.jsonl").write_text("{}\n")
+    counts = mix_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "mix")
+    assert counts == {"train.jsonl": 5, "test.jsonl": 2}
+    assert (tmp_path / "mix/train.jsonl").read_text().count("\n") == 5
+    (tmp_path / "a" / "sft.jsonl").write_text("{}\n")
+    with pytest.raises(DataError, match="sft.jsonl"):
+        mix_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "mix2")
+    assert not (tmp_path / "mix2").exists()

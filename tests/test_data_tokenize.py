@@ -16,7 +16,7 @@ from halos.data.tokenize import (
     tokenize_paired,
     tokenize_unpaired,
 )
-from halos.tiny import train_tokenizer
+from halos.models.tiny import train_tokenizer
 
 CORPUS = [
     "user\nCan you help me bake bread? Sure, what kind of bread? Sourdough.",

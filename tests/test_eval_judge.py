@@ -17,7 +17,7 @@ import pytest
 from halos.eval import stats
 from halos.eval.cli import main_eval
 from halos.eval.judges import LLMJudge, parse_verdict
-from halos.io import write_jsonl
+from halos.files import write_jsonl
 
 SECRET = "sk-test-DO-NOT-LEAK-4b1d9f"
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_halos
 
 from halos.eval.cli import main_eval, main_sample
-from halos.io import write_jsonl
+from halos.files import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "evals" / "tasks"
@@ -75,7 +75,11 @@ def test_temperature_sampling_is_seeded(tiny_model: Path, small_data: Path,
 def test_prompts_are_rendered_as_training_rendered_them(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
-    from halos.eval.sample import encode_prompts
+    from halos.eval.sample import prompt_format
+    from halos.models.generation import encode_prompts as encode
+
+    def encode_prompts(prompts, tokenizer, info):
+        return encode(prompts, tokenizer, prompt_format(info))
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -141,7 +145,7 @@ def test_reward_model_judge(tiny_model: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from halos.value_head import ValueHeadModel
+    from halos.models.value_head import ValueHeadModel
 
     torch.manual_seed(0)
     rm = tmp_path / "rm"

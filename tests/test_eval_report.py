@@ -12,7 +12,7 @@ import pytest
 
 from halos.eval import stats
 from halos.eval.cli import main_report
-from halos.io import write_json
+from halos.files import write_json
 
 SIZES = {"tiny-1m": (128, 3), "tiny-3m": (192, 5), "tiny-8m": (256, 8)}
 VOCAB = 512

@@ -15,7 +15,7 @@ from test_hub import write_evals
 
 from tests.test_dag import MICRO, snakemake
 
-RUN = "results/tiny-1m/synthetic/sft+dpo"
+RUN = "results/micro/tiny-1m/synthetic/sft+dpo"
 
 
 def test_publish_rule_uploads_to_the_suite_template(tmp_path: Path, tiny_model: Path) -> None:

@@ -30,7 +30,7 @@ from conftest import FAST, run_halos
 
 from halos.cli import main as halos_main
 from halos.data.prepare import read_rows
-from halos.io import write_jsonl
+from halos.files import write_jsonl
 from halos.losses import LOSSES
 
 EVAL_EXAMPLES = 128  # the whole test split, paired (64 pairs) and unpaired (128 rows)
@@ -253,9 +253,9 @@ def sft_test_margin(sft_model: Path, pref_data: Path, reference: Path, average: 
     from transformers import AutoTokenizer
 
     from halos.config import TrainConfig
-    from halos.dataview import load_view
     from halos.losses import build_loss
-    from halos.reflogps import ReferenceLogps
+    from halos.train.dataview import load_view
+    from halos.train.reference import ReferenceLogps
 
     cfg = TrainConfig(model=str(sft_model), data=str(pref_data), out="unused",
                       eval_examples=EVAL_EXAMPLES, max_length=fast_option("--max-length"),
@@ -384,8 +384,8 @@ def _completion_logps(model_dir: Path, sequences: list[tuple[list[int], list[int
                       pad_id: int) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    from halos.batching import collate
-    from halos.ops import CausalLMLogps
+    from halos.train.batching import collate
+    from halos.train.logps import CausalLMLogps
 
     scorer = CausalLMLogps(AutoModelForCausalLM.from_pretrained(model_dir)).eval()
     batch = collate(sequences, pad_id, "sft", len(sequences))
@@ -401,9 +401,9 @@ def test_csft_adds_control_tokens_that_steer_the_model(job: str, runs: Runs, sft
     from transformers import AutoConfig, AutoTokenizer
 
     from halos.config import TrainConfig
-    from halos.dataview import load_view
     from halos.losses import build_loss
     from halos.losses.csft import BAD, GOOD
+    from halos.train.dataview import load_view
 
     run = runs.get(job)
     model = run.out / "model"
@@ -439,7 +439,7 @@ def test_csft_adds_control_tokens_that_steer_the_model(job: str, runs: Runs, sft
 # ============================================================================ data kinds
 def test_a_paired_loss_refuses_unpaired_data(unpaired_data: Path) -> None:
     from halos.config import TrainConfig
-    from halos.dataview import read_split_rows
+    from halos.train.dataview import read_split_rows
 
     cfg = TrainConfig(model="unused", data=str(unpaired_data), out="unused")
     with pytest.raises(ValueError, match="needs preference pairs; choose an unpaired loss"):
@@ -457,9 +457,9 @@ def test_kto_runs_on_prefixes_of_the_scored_splits(sft_model: Path, pref_data: P
     from transformers import AutoTokenizer
 
     from halos.config import TrainConfig
-    from halos.dataview import load_view
     from halos.losses import build_loss
-    from halos.train import open_reference
+    from halos.train.dataview import load_view
+    from halos.train.run import open_reference
 
     kto = build_loss("kto")
     cfg = TrainConfig(model=str(sft_model), data=str(pref_data), out="unused",

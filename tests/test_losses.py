@@ -646,7 +646,7 @@ def tiny_lm():
 
 
 def test_value_head_reads_the_last_scored_token_and_ignores_padding(tiny_lm):
-    from halos.value_head import ValueHeadModel
+    from halos.models.value_head import ValueHeadModel
 
     model = ValueHeadModel(tiny_lm)
     assert not tiny_lm.get_output_embeddings().weight.requires_grad  # unused LM head is frozen
@@ -666,7 +666,7 @@ def test_value_head_reads_the_last_scored_token_and_ignores_padding(tiny_lm):
 
 
 def test_rm_loss_trains_the_head_and_the_backbone(tiny_lm):
-    from halos.value_head import ValueHeadModel
+    from halos.models.value_head import ValueHeadModel
 
     model = ValueHeadModel(tiny_lm)
     ids = torch.randint(1, 64, (4, 6), generator=_gen(0))
@@ -686,8 +686,8 @@ def test_value_head_save_load_and_score_texts(tiny_lm, tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from halos.tiny import train_tokenizer
-    from halos.value_head import (
+    from halos.models.tiny import train_tokenizer
+    from halos.models.value_head import (
         VALUE_HEAD_FILE,
         ValueHeadModel,
         load_value_head,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from halos.ops import CausalLMLogps, chunked_target_logps, naive_sequence_logps
+from halos.train.logps import CausalLMLogps, chunked_target_logps, naive_sequence_logps
 
 
 def _model() -> LlamaForCausalLM:

@@ -2,7 +2,7 @@
 reference log-probs file, the policy + value-head model, and a real tiny training run.
 
 The hand computations use plain Python floats (the `statistics` module for mean and variance)
-and the derivatives are written out case by case, never by calling `halos.rl`.
+and the derivatives are written out case by case, never by calling `halos.rl.ppo_math`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from conftest import FAST, run_halos
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from halos import rl
 from halos.losses import TokenLogps, build_loss, get_loss_class
-from halos.reflogps import ReferenceLogps, ReferenceMismatch, write_reference_file
-from halos.value_head import VALUE_HEAD_FILE, PolicyValueModel
+from halos.models.value_head import VALUE_HEAD_FILE, PolicyValueModel
+from halos.rl import ppo_math as rl
+from halos.train.reference import ReferenceLogps, ReferenceMismatch, write_reference_file
 
 GAMMA, LAM = 0.9, 0.5
 # Two rows on the (B, T-1) grid: row 0 is response, response, response, padding; row 1 is
@@ -236,7 +236,7 @@ def test_policy_value_model_gives_log_probs_and_values_and_saves_a_causal_lm(
         tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from halos.ops import CausalLMLogps
+    from halos.train.logps import CausalLMLogps
 
     model = PolicyValueModel(_tiny_llama(), chunk_size=5)
     assert model.model.lm_head.weight.requires_grad  # the policy trains its LM head
@@ -270,7 +270,7 @@ def test_halos_align_ppo_trains_the_tiny_model(tiny_model: Path, synthetic_data:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from halos.config import TrainConfig
-    from halos.train import open_reference
+    from halos.train.run import open_reference
 
     ref = tmp_path / "ref_logps.pt"
     run_halos("ref-logps", "--model", tiny_model, "--data", synthetic_data, "--out", ref, *FAST,

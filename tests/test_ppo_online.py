@@ -23,12 +23,15 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from halos import rl
 from halos.config import PPOConfig
-from halos.metrics import MetricsLogger
-from halos.ppo import OnlinePPO, PolicyAndValue, SampledTokenLogps, add_ppo_targets, make_schedule
-from halos.tiny import build_tiny_model, train_tokenizer
-from halos.value_head import ValueHeadModel
+from halos.models.tiny import build_tiny_model, train_tokenizer
+from halos.models.value_head import ValueHeadModel
+from halos.rl import ppo_math as rl
+from halos.rl.models import PolicyAndValue, SampledTokenLogps
+from halos.rl.online_ppo import OnlinePPO
+from halos.rl.rollout import add_ppo_targets, make_schedule
+from halos.train.metrics import MetricsLogger
+from halos.train.session import Session
 
 RESPONSE_LENGTH = 8
 # Tiny PPO runs: 16 rollouts per iteration, short answers, held-out samples at start and end.
@@ -75,7 +78,7 @@ def _eos_prone(lm: nn.Module, eos: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def rollout(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory):
     from halos.data.prepare import read_rows
-    from halos.ppo import encode
+    from halos.rl.rollout import encode
 
     texts = [m["content"] for r in read_rows(synthetic_data / "train.jsonl")[:300]
              for m in r["prompt"] + r["chosen"]]
@@ -91,7 +94,8 @@ def rollout(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory):
                            progress=False, tensorboard=False, wandb=False, wandb_project="")
     runner = OnlinePPO(_Engine(PolicyAndValue(policy, ValueHeadModel(lms[1]))),
                        SampledTokenLogps(lms[0], 1024, 0.7).eval(), ValueHeadModel(lms[2]).eval(),
-                       tokenizer, cfg, schedule, logger, ds={})
+                       tokenizer, cfg, schedule, logger,
+                       Session(Path(cfg.out), Path(cfg.out) / "model", 0, 1, {}))
     prompts = encode([r["prompt"] for r in read_rows(synthetic_data / "test.jsonl")[:8]], cfg,
                      tokenizer)
     torch.manual_seed(0)

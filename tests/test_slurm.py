@@ -140,8 +140,8 @@ def number(value: str) -> float:
     return float(value)  # raises on an empty cell
 
 
-def training_info(work: Path, loss: str) -> dict:
-    return json.loads((work / f"results/{MODEL}/synthetic/{loss}/model/halos_training.json")
+def training_info(work: Path, loss: str, suite: str = "slurm") -> dict:
+    return json.loads((work / f"results/{suite}/{MODEL}/synthetic/{loss}/model/halos_training.json")
                       .read_text())
 
 
@@ -192,7 +192,7 @@ def test_slice_through_slurm_with_a_two_process_zero3_model(slice_run):
     for loss in ("sft", "sft+dpo"):
         info = training_info(work, loss)
         assert info["world_size"] == 2, info
-    assert (work / "results/leaderboard.md").read_text().count(MODEL) >= 2
+    assert (work / "results/slurm/leaderboard.md").read_text().count(MODEL) >= 2
     # Slurm's own job logs go to logs/slurm/ in the workdir (deleted for successful jobs).
     assert f"(log: {work}/logs/slurm/rule_align/{MODEL}_synthetic_sft+dpo/" in output
     assert_clean_repo()
@@ -254,8 +254,8 @@ def test_requeued_and_cancelled_training_job_resumes_from_its_checkpoint(slice_r
     command again resumes from the last checkpoint and the suite finishes."""
     work = tmp_path / "work"
     shutil.copytree(slice_run[0], work, symlinks=True)  # data, tiny model, sft, ref-logps done
-    run_dir = work / f"results/{MODEL}/synthetic/sft+dpo-resume"
-    checkpoints, log = run_dir / "checkpoints", work / f"logs/align/{MODEL}/synthetic/sft+dpo-resume.log"
+    run_dir = work / f"results/slurm-resume/{MODEL}/synthetic/sft+dpo-resume"
+    checkpoints, log = run_dir / "checkpoints", work / f"logs/slurm-resume/align/{MODEL}/synthetic/sft+dpo-resume.log"
     comment = f"rule_align_wildcards_{MODEL}_synthetic_sft+dpo-resume"
     # --retries 0: a cancelled job fails the run (the profile's `retries: 1` would resubmit it).
     command = profile_command(work, RESUME, "--retries", "0")
@@ -304,7 +304,7 @@ def test_requeued_and_cancelled_training_job_resumes_from_its_checkpoint(slice_r
     step = _latest_step_from(text)
     assert step >= second, text[-2000:]
     print(f"rerun resumed from step {step}, finished in {elapsed:.0f} s")
-    assert training_info(work, "sft+dpo-resume")["world_size"] == 2
+    assert training_info(work, "sft+dpo-resume", "slurm-resume")["world_size"] == 2
     rows = leaderboard(work)
     assert {"sft", "sft+dpo-resume"} <= set(rows)
     number(rows["sft+dpo-resume"]["win_rate"]), number(rows["sft+dpo-resume"]["logp_accuracy"])
@@ -325,7 +325,7 @@ def _check_failure(result, elapsed: float, work: Path, limit_s: float = 180) -> 
     assert result.returncode != 0, output[-3000:]
     assert elapsed < limit_s, f"snakemake took {elapsed:.0f} s to report a failing job"
     assert "Error in rule prepare_data" in output, output[-3000:]
-    assert "logs/prepare_data/missing.log" in output, output[-3000:]  # the halos log
+    assert "logs/slurm-fail/prepare_data/missing.log" in output, output[-3000:]  # the halos log
     slurm_logs = list((work / "logs/slurm/rule_prepare_data").rglob("*.log"))
     assert slurm_logs and any(str(p) in output for p in slurm_logs), output[-3000:]
     assert "no such file or folder: /nonexistent/halos-missing.jsonl" in output  # show-failed-logs

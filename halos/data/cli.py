@@ -1,4 +1,6 @@
-"""`halos data prepare` and `halos data synthetic`: write normalized files and print counts."""
+"""`halos data prepare`, `halos data mix` and `halos data synthetic`: write normalized files
+and print counts. A dataset named on the command line is a row of the datasets table
+(configs/datasets.yaml, the one the suites use; `--table` for another)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from halos.data.errors import DataError
+from halos.data.mix import mix_datasets
 from halos.data.prepare import prepare_dataset
 from halos.data.synthetic import generate
-from halos.data.table import dataset_row
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -22,8 +24,27 @@ def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _table_row(name: str, table: str | None) -> dict:
+    """The row `name` of the datasets table, validated as the suites validate it."""
+    from halos.suite.tables import DATASETS_TABLE, SuiteError, load_table
+
+    path = table or DATASETS_TABLE
+    try:
+        rows = load_table(path, "datasets")
+    except SuiteError as err:
+        raise DataError(str(err)) from err
+    if name not in rows:
+        raise DataError(f"dataset {name!r} is not a row of the datasets table {path}; rows: "
+                        f"{sorted(rows)}")
+    if "mix" in rows[name]:
+        raise DataError(f"dataset {name!r} of {path} is a mix: prepare its parts, then "
+                        f"`halos data mix {' '.join('data/' + p for p in rows[name]['mix'])} "
+                        f"--out data/{name}`")
+    return rows[name]
+
+
 def _prepare(args: argparse.Namespace) -> int:
-    row = dataset_row(args.name, args.config) if args.name else {}
+    row = _table_row(args.name, args.table) if args.name else {}
     loader = args.loader or row.get("loader")
     source = args.source or row.get("source")
     if not loader or not source:
@@ -33,10 +54,17 @@ def _prepare(args: argparse.Namespace) -> int:
     report = prepare_dataset(
         loader, source, args.out,
         splits=_pairs(args.split, "--split") or row.get("splits"),
-        max_examples=max_examples or row.get("max_examples"),
+        max_examples=max_examples or row.get("sizes"),
         seed=args.seed if args.seed is not None else row.get("seed", 0),
         on_error=args.on_error or row.get("on_error", "raise"), **options)
     print(report.summary())
+    return 0
+
+
+def _mix(args: argparse.Namespace) -> int:
+    counts = mix_datasets(args.parts, args.out)
+    print(f"mix of {len(args.parts)} datasets -> {args.out}: "
+          + ", ".join(f"{name}={n}" for name, n in counts.items()))
     return 0
 
 
@@ -48,13 +76,14 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `data prepare` and `data synthetic` under an existing subparsers object."""
+    """Register `data prepare`, `data mix` and `data synthetic` under an existing subparsers object."""
     data = subparsers.add_parser("data", help="prepare datasets as normalized files")
     commands = data.add_subparsers(dest="data_command", required=True)
 
     prepare = commands.add_parser("prepare", help="load, validate and write a dataset")
-    prepare.add_argument("name", nargs="?", help="a dataset of the table (see --config)")
-    prepare.add_argument("--config", help="YAML dataset table extending the built-in one")
+    prepare.add_argument("name", nargs="?", help="a row of the datasets table (see --table)")
+    prepare.add_argument("--table", "--config", dest="table",
+                         help="datasets table (default: configs/datasets.yaml)")
     prepare.add_argument("--loader", help="hh, shp, oasst1, ultrafeedback, local or synthetic")
     prepare.add_argument("--source", help="Hub id or local file/folder")
     prepare.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -66,6 +95,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--option", action="append", metavar="KEY=VALUE",
                          help="loader option, repeatable (e.g. subsets=helpful)")
     prepare.set_defaults(func=_prepare)
+
+    mix = commands.add_parser("mix", help="concatenate prepared datasets into one")
+    mix.add_argument("parts", nargs="+", help="prepared dataset folders (data/NAME)")
+    mix.add_argument("--out", required=True, help="output folder (written atomically)")
+    mix.set_defaults(func=_mix)
 
     synth = commands.add_parser("synthetic", help="generate the embedded adder task")
     synth.add_argument("--out", required=True)

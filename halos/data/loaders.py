@@ -2,7 +2,7 @@
 
 A loader is `loader(source, split, **options) -> Iterator[dict]`: `source` is a Hub id (read with
 `datasets.load_dataset`) or a local file/folder holding the same upstream files. Adding a dataset
-is a row in `halos.data.table.DATASETS` plus, if its format is new, one function here.
+is a row in configs/datasets.yaml plus, if its format is new, one function here.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from halos.data.errors import DataError, ErrorPolicy, OnError
 from halos.data.loaders import DEFAULT_SPLITS, get_loader, normalized_rows
 from halos.data.readers import file_records
 from halos.data.rows import as_messages
-from halos.io import atomic_dir, write_json, write_jsonl
+from halos.files import atomic_dir, write_json, write_jsonl
 
 
 @dataclass

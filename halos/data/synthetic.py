@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from halos.data.rows import assistant, paired_row, stable_id, unpaired_row, user
-from halos.io import atomic_dir, write_json, write_jsonl
+from halos.files import atomic_dir, write_json, write_jsonl
 
 SOURCE = "synthetic/adder"
 QUESTIONS = (

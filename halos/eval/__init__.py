@@ -2,7 +2,7 @@
 
     halos sample     completions for held-out prompts (greedy or seeded temperature sampling)
     halos eval preference | judge | lm-eval
-    halos report     results/leaderboard.{md,csv} and results/plots/*.png
+    halos report     results/{suite}/leaderboard.{md,csv} and results/{suite}/plots/*.png
 
 Modules import torch/transformers/lm_eval lazily, so `halos report` and the statistics stay
 cheap to import.

@@ -10,7 +10,7 @@
     halos eval lm-eval --model DIR --tasks evals/tasks/adder_mc.yaml,evals/tasks/adder_gen.yaml
                  --out lm_eval.json [--apply-chat-template] [--limit N] [--batch-size 8]
                  [--num-fewshot K] [--seed 0]
-    halos report --results results --out results/leaderboard.md [--baseline-loss sft]
+    halos report --runs RUN_DIR... --out results/SUITE/leaderboard.md [--baseline-loss sft]
                  [--plots DIR] [--require-win dpo,kto]
 
 Each function takes the arguments after the command word and returns an exit code; bad input
@@ -34,7 +34,7 @@ def _offline() -> None:
 
 
 def _write(out: str, payload: dict) -> None:
-    from halos.io import write_json
+    from halos.files import write_json
 
     write_json(out, payload)
     print(f"[halos] wrote {out}", flush=True)
@@ -149,19 +149,23 @@ def main_eval(argv: Sequence[str]) -> int:
 
 def main_report(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="halos report", description=(
-        "Merge results/{model}/{dataset}/{loss}/eval/*.json into a leaderboard (.md and .csv) "
-        "and plots (results/plots/*.png)."))
-    parser.add_argument("--results", default="results")
-    parser.add_argument("--out", default="results/leaderboard.md")
+        "Merge the eval/*.json of a suite's runs into a leaderboard (.md and .csv) and plots."))
+    runs = parser.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--runs", nargs="+", metavar="RUN_DIR",
+                      help="run folders results/{suite}/{model}/{dataset}/{loss} (the DAG's)")
+    runs.add_argument("--results", metavar="SUITE_DIR",
+                      help="every run under one suite's folder, e.g. results/tiny")
+    parser.add_argument("--out", required=True, help="e.g. results/tiny/leaderboard.md")
     parser.add_argument("--baseline-loss", default="sft", help="the loss others are judged against")
     parser.add_argument("--plots", help="plot folder (default: plots/ beside --out)")
     parser.add_argument("--require-win", help="comma-separated losses that must beat the "
                         "baseline (90%% CI above 0.5) in every judged row, else exit 2 (for CI)")
     args = parser.parse_args(list(argv))
-    from halos.eval.report import report
+    from halos.eval.report import report, run_dirs_under
 
+    run_dirs = args.runs or run_dirs_under(args.results)
     required = [x.strip() for x in (args.require_win or "").split(",") if x.strip()]
-    made = report(args.results, args.out, args.baseline_loss, args.plots, required)
+    made = report(run_dirs, args.out, args.baseline_loss, args.plots, required)
     print(f"[halos] leaderboard of {made['rows']} rows -> {made['markdown']}, {made['csv']}; "
           f"{len(made['plots'])} plots", flush=True)
     return 0

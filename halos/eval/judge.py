@@ -8,7 +8,7 @@ from pathlib import Path
 
 from halos.eval import stats
 from halos.eval.judges import Judge
-from halos.io import numbered_json_lines
+from halos.files import numbered_json_lines
 
 
 def read_samples(path: str | Path, what: str) -> dict[str, dict]:

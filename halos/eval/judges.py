@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from halos.models import VALUE_HEAD_FILE
+
 Messages = list[dict]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JUDGE_PROMPT = REPO_ROOT / "evals" / "judge" / "pairwise.txt"
@@ -65,8 +67,8 @@ class RewardModelJudge(Judge):
         from halos.eval import models as minfo
 
         self.model_dir = minfo.model_folder(model_dir)
-        if not (self.model_dir / "value_head.safetensors").is_file():
-            raise FileNotFoundError(f"--judge rm:{model_dir}: no value_head.safetensors; train a "
+        if not (self.model_dir / VALUE_HEAD_FILE).is_file():
+            raise FileNotFoundError(f"--judge rm:{model_dir}: no {VALUE_HEAD_FILE}; train a "
                                     f"reward model with `halos align --loss rm`")
         self.info = minfo.training_info(self.model_dir)
         self.batch_size, self.tie_tolerance = batch_size, tie_tolerance
@@ -79,7 +81,7 @@ class RewardModelJudge(Judge):
 
         from halos.data.tokenize import tokenize_unpaired
         from halos.eval import models as minfo
-        from halos.value_head import ValueHeadModel, score_texts
+        from halos.models.value_head import ValueHeadModel, score_texts
 
         if self._model is None:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)

@@ -113,8 +113,7 @@ def run_lm_eval(model_dir: str | Path, tasks: str | list[str], *, apply_chat_tem
                 seed: int = 0, device: str | None = None) -> dict:
     folder = minfo.model_folder(model_dir)
     specs = split_tasks(tasks)
-    local = [s for s in specs if is_local_task(s)]
-    all_local = len(local) == len(specs)
+    all_local = all(is_local_task(s) for s in specs)
     if all_local:
         for flag in OFFLINE_FLAGS:
             os.environ[flag] = "1"
@@ -124,44 +123,20 @@ def run_lm_eval(model_dir: str | Path, tasks: str | list[str], *, apply_chat_tem
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     configs = [load_task_yaml(s) if is_local_task(s) else s for s in specs]
 
+    import lm_eval
     import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
-    from halos.data.tokenize import resolve_chat_template
-
-    info = minfo.training_info(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    suffix = ""
-    if apply_chat_template:
-        template = resolve_chat_template(minfo.chat_template(info)) or tokenizer.chat_template
-        if template is None:
-            raise ValueError(f"--apply-chat-template: {folder} has no chat template (neither the "
-                             f"tokenizer nor halos_training.json sets one)")
-        suffix = minfo.prompt_suffix(info)
-        if suffix:  # CSFT: condition on the good token, as at sampling time
-            template += "{% if add_generation_prompt %}" + suffix + "{% endif %}"
-        tokenizer.chat_template = template
+    tokenizer, suffix = _eval_tokenizer(folder, minfo.training_info(folder), apply_chat_template)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm = HFLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size, device=device,
-              dtype="float32" if device == "cpu" else "auto")
-    generation_config = getattr(lm.model, "generation_config", None)
-    if generation_config is not None:  # lm-eval sets max_length; a saved max_new_tokens would win
-        generation_config.max_new_tokens = None
-    manager = TaskManager(include_defaults=not all_local)
-    results = simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit,
-                              num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
-                              log_samples=False, bootstrap_iters=1000, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed)
+    results = lm_eval.simple_evaluate(
+        model=_harness_model(folder, tokenizer, batch_size, device), tasks=configs,
+        task_manager=TaskManager(include_defaults=not all_local), limit=limit,
+        num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=False,
+        bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+        fewshot_random_seed=seed)
     if results is None:  # a non-zero rank of a distributed run
         return {}
-    import lm_eval
-
     return {
         "tasks": tidy_results(results),
         "config": {
@@ -174,3 +149,37 @@ def run_lm_eval(model_dir: str | Path, tasks: str | list[str], *, apply_chat_tem
             "offline": all_local,
         },
     }
+
+
+def _eval_tokenizer(folder: Path, info: dict, apply_chat_template: bool):
+    """The checkpoint's tokenizer (with a pad token) and the prompt suffix its chat template
+    ends with ("" without --apply-chat-template)."""
+    from transformers import AutoTokenizer
+
+    from halos.data.tokenize import resolve_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not apply_chat_template:
+        return tokenizer, ""
+    template = resolve_chat_template(minfo.chat_template(info)) or tokenizer.chat_template
+    if template is None:
+        raise ValueError(f"--apply-chat-template: {folder} has no chat template (neither the "
+                         f"tokenizer nor halos_training.json sets one)")
+    suffix = minfo.prompt_suffix(info)
+    if suffix:  # CSFT: condition on the good token, as at sampling time
+        template += "{% if add_generation_prompt %}" + suffix + "{% endif %}"
+    tokenizer.chat_template = template
+    return tokenizer, suffix
+
+
+def _harness_model(folder: Path, tokenizer, batch_size: int, device: str):
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size, device=device,
+              dtype="float32" if device == "cpu" else "auto")
+    generation_config = getattr(lm.model, "generation_config", None)
+    if generation_config is not None:  # lm-eval sets max_length; a saved max_new_tokens would win
+        generation_config.max_new_tokens = None
+    return lm

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from halos.models import VALUE_HEAD_FILE
+
 TRAINING_FILE = "halos_training.json"
 DEFAULT_BETA = 0.1
 
@@ -79,7 +81,7 @@ def parameter_count(model: str | Path) -> int | None:
     the value head of a reward model is not counted. None if there are none."""
     folder = Path(model)
     files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name != "value_head.safetensors"]
+    files = [f for f in files if f.name != VALUE_HEAD_FILE]
     if not files:
         return None
     total = 0

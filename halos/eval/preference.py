@@ -43,13 +43,7 @@ def _mean(values) -> float | None:
 
 def preference_metrics(model_dir: str | Path, data: str | Path, *, ref_logps: str | None = None,
                        examples: int = 400, batch_size: int = 16) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from halos.dataview import load_view
-    from halos.losses import build_loss, get_loss_class
-    from halos.ops import CausalLMLogps
-    from halos.reflogps import ReferenceLogps
+    from halos.train.reference import ReferenceLogps
 
     folder = minfo.model_folder(model_dir)
     if not Path(data).is_dir():
@@ -58,12 +52,47 @@ def preference_metrics(model_dir: str | Path, data: str | Path, *, ref_logps: st
         raise ValueError(f"--examples must be >= 0, got {examples}")
     info = minfo.training_info(folder)
     name = minfo.loss_name(info)
-    try:
-        loss = build_loss(name, minfo.loss_params(info)) if name else get_loss_class("sft")()
-    except (KeyError, ValueError):
-        loss = get_loss_class("sft")()
+    loss = _run_loss(name, info)
     cfg = train_config(info, folder, data, examples)
     reference = ReferenceLogps(ref_logps) if ref_logps else None
+    view = _test_pairs(folder, cfg, loss, data)
+
+    value_head = getattr(loss, "model_head", "causal_lm") == "value_head"
+    chosen, rejected, ref_chosen, ref_rejected = _summed_scores(
+        _scorer(folder, value_head), view, batch_size, None if value_head else reference)
+    out: dict = {"n": len(chosen), "loss": name, "data": str(data),
+                 "reward_accuracy": None, "reward_margin": None,
+                 "chosen_reward": None, "rejected_reward": None, "beta": None}
+    if value_head:  # a reward model: its scores are the rewards; it has no log-probs
+        out.update(_reward_summary(chosen, rejected), logp_accuracy=None, logp_margin=None,
+                   reward="value head score")
+        return out
+    out.update(logp_accuracy=_accuracy(chosen, rejected), logp_margin=_margin(chosen, rejected))
+    if reference is not None:
+        beta = minfo.beta(info)
+        cr = [beta * _snap(p - q) for p, q in zip(chosen, ref_chosen, strict=True)]
+        rr = [beta * _snap(p - q) for p, q in zip(rejected, ref_rejected, strict=True)]
+        out.update(beta=beta, **_reward_summary(cr, rr),
+                   reward="beta * (log pi - log pi_ref), summed log-probs",
+                   ref_logps=str(ref_logps))
+    return out
+
+
+def _run_loss(name: str | None, info: dict):
+    """The run's loss, which decides how the test split is tokenized; SFT's when the run names
+    none or one this version cannot rebuild."""
+    from halos.losses import build_loss, get_loss_class
+
+    try:
+        return build_loss(name, minfo.loss_params(info)) if name else get_loss_class("sft")()
+    except (KeyError, ValueError):
+        return get_loss_class("sft")()
+
+
+def _test_pairs(folder: Path, cfg, loss, data: str | Path):
+    from transformers import AutoTokenizer
+
+    from halos.train.dataview import load_view
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
@@ -71,47 +100,57 @@ def preference_metrics(model_dir: str | Path, data: str | Path, *, ref_logps: st
     view = load_view(cfg, loss, tokenizer, "test", kind="paired", with_kl=False)
     if not len(view):
         raise ValueError(f"{data}/test.jsonl: no usable preference pairs")
+    return view
 
-    value_head = getattr(loss, "model_head", "causal_lm") == "value_head"
+
+def _scorer(folder: Path, value_head: bool):
+    """The model as (input_ids, attention_mask, loss_mask) -> (per-sequence score, _), in eval
+    mode: the value head's score for a reward model, else the summed log-prob."""
+    import torch
+
     if value_head:
-        from halos.value_head import ValueHeadModel
+        from halos.models.value_head import ValueHeadModel
 
         module = ValueHeadModel.from_pretrained(folder, dtype=torch.float32)
     else:
+        from transformers import AutoModelForCausalLM
+
+        from halos.train.logps import CausalLMLogps
+
         module = CausalLMLogps(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
     module.eval()
+    return module
+
+
+def _summed_scores(scorer, view, batch_size: int, reference) -> tuple[list[float], ...]:
+    """(chosen, rejected, reference chosen, reference rejected) scores of every pair; the
+    reference lists stay empty without a reference."""
+    import torch
+
     chosen, rejected, ref_chosen, ref_rejected = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(view), batch_size):
             batch = view.batch(list(range(start, min(start + batch_size, len(view)))))
-            sums, _ = module(batch.input_ids, batch.attention_mask, batch.loss_mask)
-            b = batch.size
+            sums, _ = scorer(batch.input_ids, batch.attention_mask, batch.loss_mask)
+            b = batch.size  # a batch holds its b chosen sequences, then their b rejected ones
             chosen += sums[:b].double().tolist()
             rejected += sums[b:].double().tolist()
-            if reference is not None and not value_head:
+            if reference is not None:
                 ref_sums, _ = reference.lookup(batch.keys)
                 ref_chosen += ref_sums[:b].double().tolist()
                 ref_rejected += ref_sums[b:].double().tolist()
+    return chosen, rejected, ref_chosen, ref_rejected
 
-    pairs = list(zip(chosen, rejected, strict=True))
-    out: dict = {"n": len(pairs), "loss": name, "data": str(data),
-                 "reward_accuracy": None, "reward_margin": None,
-                 "chosen_reward": None, "rejected_reward": None, "beta": None}
-    if value_head:  # a reward model: its scores are the rewards; it has no log-probs
-        out.update(reward_accuracy=_mean(c > r for c, r in pairs),
-                   reward_margin=_mean(c - r for c, r in pairs),
-                   chosen_reward=_mean(chosen), rejected_reward=_mean(rejected),
-                   logp_accuracy=None, logp_margin=None, reward="value head score")
-        return out
-    out.update(logp_accuracy=_mean(c > r for c, r in pairs),
-               logp_margin=_mean(c - r for c, r in pairs))
-    if reference is not None:
-        beta = minfo.beta(info)
-        cr = [beta * _snap(p - q) for p, q in zip(chosen, ref_chosen, strict=True)]
-        rr = [beta * _snap(p - q) for p, q in zip(rejected, ref_rejected, strict=True)]
-        out.update(beta=beta, reward_accuracy=_mean(c > r for c, r in zip(cr, rr, strict=True)),
-                   reward_margin=_mean(c - r for c, r in zip(cr, rr, strict=True)),
-                   chosen_reward=_mean(cr), rejected_reward=_mean(rr),
-                   reward="beta * (log pi - log pi_ref), summed log-probs",
-                   ref_logps=str(ref_logps))
-    return out
+
+def _accuracy(chosen: list[float], rejected: list[float]) -> float | None:
+    return _mean(c > r for c, r in zip(chosen, rejected, strict=True))
+
+
+def _margin(chosen: list[float], rejected: list[float]) -> float | None:
+    return _mean(c - r for c, r in zip(chosen, rejected, strict=True))
+
+
+def _reward_summary(chosen: list[float], rejected: list[float]) -> dict:
+    return {"reward_accuracy": _accuracy(chosen, rejected),
+            "reward_margin": _margin(chosen, rejected),
+            "chosen_reward": _mean(chosen), "rejected_reward": _mean(rejected)}

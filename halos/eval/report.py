@@ -1,6 +1,7 @@
-"""`halos report`: every model's eval JSONs → results/leaderboard.{md,csv} and results/plots/.
+"""`halos report`: a suite's eval JSONs → results/{suite}/leaderboard.{md,csv} and plots/.
 
-One row per results/{model}/{dataset}/{loss}/ that has an eval/ folder with outputs:
+One row per run folder `results/{suite}/{model}/{dataset}/{loss}/` given (the suite's runs, never
+a glob over every suite) that has eval outputs:
 
 * eval/judge.json (or the only eval/judge_*.json): win rate against the baseline (SFT) with its
   90% interval and sign-test p-value; `p_holm` is Holm-corrected over the losses compared with
@@ -47,54 +48,60 @@ def _judge_files(eval_dir: Path) -> tuple[Path | None, dict[str, Path]]:
     return None, {p.stem[len("judge_"):]: p for p in files if p.stem.startswith("judge_")}
 
 
-def collect_rows(results: str | Path, baseline_loss: str = "sft") -> list[dict]:
-    from halos.eval.models import parameter_count
-
+def run_dirs_under(results: str | Path) -> list[Path]:
+    """The run folders `{model}/{dataset}/{loss}` of one suite's results folder."""
     root = Path(results)
     if not root.is_dir():
         raise FileNotFoundError(f"--results {str(root)!r}: no such folder")
-    rows: list[dict] = []
-    for eval_dir in sorted(root.glob("*/*/*/eval")):
-        if not eval_dir.is_dir():
-            continue
-        loss_dir = eval_dir.parent
-        primary, extra = _judge_files(eval_dir)
-        preference = eval_dir / "preference.json"
-        lm_eval = eval_dir / "lm_eval.json"
-        if primary is None and not extra and not preference.is_file() and not lm_eval.is_file():
-            continue
-        row: dict = {"model": loss_dir.parent.parent.name, "dataset": loss_dir.parent.name,
-                     "loss": loss_dir.name}
-        size = parameter_count(loss_dir / "model") if (loss_dir / "model").is_dir() else None
-        row["size"] = size
-        if primary is not None:
-            judged = _read_json(primary)
-            ci = judged.get("ci90") or [None, None]
-            row.update(judge=judged.get("judge"), n=judged.get("n"),
-                       win_rate=judged.get("win_rate"), ci90_lo=ci[0], ci90_hi=ci[1],
-                       p_value=judged.get("p_value"), judge_score=judged.get("judge_score"),
-                       _baseline_score=judged.get("baseline_score"))
-            chosen = judged.get("against_chosen") or {}
-            row["win_rate_vs_chosen"] = chosen.get("win_rate")
-        for name, path in extra.items():
-            judged = _read_json(path)
-            row[f"win_rate_{name}"] = judged.get("win_rate")
-            ci = judged.get("ci90") or [None, None]
-            row[f"ci90_lo_{name}"], row[f"ci90_hi_{name}"] = ci[0], ci[1]
-        if preference.is_file():
-            pref = _read_json(preference)
-            for key in ("reward_accuracy", "reward_margin", "logp_accuracy", "logp_margin"):
-                row[key] = pref.get(key)
-        if lm_eval.is_file():
-            for task, metrics in (_read_json(lm_eval).get("tasks") or {}).items():
-                for metric, value in (metrics or {}).items():
-                    row[f"{task}/{metric}"] = value
-        rows.append(row)
+    return sorted(d.parent for d in root.glob("*/*/*/eval") if d.is_dir())
+
+
+def collect_rows(run_dirs: list[str | Path], baseline_loss: str = "sft") -> list[dict]:
+    """One leaderboard row per run folder `.../{model}/{dataset}/{loss}` with eval outputs."""
+    rows = [row for run in run_dirs if (row := _run_row(Path(run))) is not None]
     _fill_baseline_scores(rows, baseline_loss)
     _holm(rows, baseline_loss)
     rows.sort(key=lambda r: (r["dataset"], r["size"] or 0, r["model"],
                              r["loss"] != baseline_loss, r["loss"]))
     return rows
+
+
+def _run_row(run: Path) -> dict | None:
+    from halos.eval.models import parameter_count
+
+    eval_dir = run / "eval"
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"{run}: no eval/ folder; run its evaluations first")
+    primary, extra = _judge_files(eval_dir)
+    preference, lm_eval = eval_dir / "preference.json", eval_dir / "lm_eval.json"
+    if primary is None and not extra and not preference.is_file() and not lm_eval.is_file():
+        return None
+    row: dict = {"model": run.parent.parent.name, "dataset": run.parent.name, "loss": run.name,
+                 "size": parameter_count(run / "model") if (run / "model").is_dir() else None}
+    if primary is not None:
+        row.update(_judge_columns(_read_json(primary)))
+    for name, path in extra.items():
+        judged = _read_json(path)
+        ci = judged.get("ci90") or [None, None]
+        row.update({f"win_rate_{name}": judged.get("win_rate"), f"ci90_lo_{name}": ci[0],
+                    f"ci90_hi_{name}": ci[1]})
+    if preference.is_file():
+        pref = _read_json(preference)
+        row.update({k: pref.get(k) for k in ("reward_accuracy", "reward_margin", "logp_accuracy",
+                                             "logp_margin")})
+    if lm_eval.is_file():
+        for task, metrics in (_read_json(lm_eval).get("tasks") or {}).items():
+            row.update({f"{task}/{metric}": value for metric, value in (metrics or {}).items()})
+    return row
+
+
+def _judge_columns(judged: dict) -> dict:
+    ci = judged.get("ci90") or [None, None]
+    return {"judge": judged.get("judge"), "n": judged.get("n"), "win_rate": judged.get("win_rate"),
+            "ci90_lo": ci[0], "ci90_hi": ci[1], "p_value": judged.get("p_value"),
+            "judge_score": judged.get("judge_score"),
+            "_baseline_score": judged.get("baseline_score"),
+            "win_rate_vs_chosen": (judged.get("against_chosen") or {}).get("win_rate")}
 
 
 def _fill_baseline_scores(rows: list[dict], baseline_loss: str) -> None:
@@ -137,7 +144,7 @@ def _csv_value(value) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    from halos.io import atomic_file
+    from halos.files import atomic_file
 
     cols = columns(rows)
     buffer = io.StringIO()
@@ -231,18 +238,19 @@ def check_wins(rows: list[dict], losses: list[str], baseline_loss: str) -> None:
                          + "; ".join(problems))
 
 
-def report(results: str | Path, out: str | Path, baseline_loss: str = "sft",
+def report(run_dirs: list[str | Path], out: str | Path, baseline_loss: str = "sft",
            plots_dir: str | Path | None = None, require_win: list[str] | None = None) -> dict:
+    """The leaderboard of exactly these run folders (one suite's runs)."""
     from halos.eval.plots import make_plots
-    from halos.io import atomic_file
+    from halos.files import atomic_file
 
     out = Path(out)
     if out.suffix != ".md":
         raise ValueError(f"--out {str(out)!r}: expected a .md file (the .csv is written beside it)")
-    rows = collect_rows(results, baseline_loss)
+    rows = collect_rows(run_dirs, baseline_loss)
     if not rows:
-        raise ValueError(f"--results {str(results)!r}: no results/{{model}}/{{dataset}}/{{loss}}/"
-                         f"eval/ folder with preference.json, judge*.json or lm_eval.json")
+        raise ValueError(f"no results: none of the {len(run_dirs)} run folders has an eval/ "
+                         f"folder with preference.json, judge*.json or lm_eval.json")
     plots_dir = Path(plots_dir) if plots_dir else out.parent / "plots"
     plots = make_plots(rows, plots_dir, baseline_loss)
     write_csv(rows, out.with_suffix(".csv"))

@@ -25,7 +25,7 @@ PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "logp_accuracy", "logp
 
 @dataclass(frozen=True)
 class RunId:
-    """Which run of a suite a model folder is: results/{model}/{dataset}/{loss}/model."""
+    """Which run of a suite a model folder is: results/{suite}/{model}/{dataset}/{loss}/model."""
 
     model: str
     dataset: str

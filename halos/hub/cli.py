@@ -1,8 +1,8 @@
 """`halos publish`: upload a trained model folder (with its model card) to the Hugging Face Hub.
 
-    halos publish results/tiny-1m/synthetic/dpo/model --repo-template "{org}/{suite}_{loss}_{model}" \\
-        --org my-org --suite tiny --record results/tiny-1m/synthetic/dpo/published.json
-    halos publish results/tiny-1m/synthetic/dpo/model --repo my-org/tiny-dpo --dry-run /tmp/pub
+    halos publish results/tiny/tiny-1m/synthetic/dpo/model --repo-template "{org}/{suite}_{loss}_{model}" \\
+        --org my-org --suite tiny --record results/tiny/tiny-1m/synthetic/dpo/published.json
+    halos publish results/tiny/tiny-1m/synthetic/dpo/model --repo my-org/tiny-dpo --dry-run /tmp/pub
 
 The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT points the client at another server.
 """

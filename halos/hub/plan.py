@@ -18,7 +18,8 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from halos.io import atomic_dir
+from halos.files import atomic_dir
+from halos.models import VALUE_HEAD_FILE
 
 # Files of a save_pretrained folder that are published; anything else (checkpoints, optimizer
 # state, pickles, logs) stays local.
@@ -82,7 +83,7 @@ def model_files(folder: Path) -> list[Path]:
     """The files of `folder` that are published (top level only, sorted)."""
     files = sorted(p for p in folder.iterdir() if p.is_file()
                    and any(fnmatch.fnmatch(p.name, pat) for pat in UPLOAD_PATTERNS))
-    if not any(p.name.endswith(".safetensors") and p.name != "value_head.safetensors" for p in files):
+    if not any(p.name.endswith(".safetensors") and p.name != VALUE_HEAD_FILE for p in files):
         raise PublishError(f"{folder}: no *.safetensors weights to publish (only safetensors "
                            f"checkpoints are uploaded; re-export with save_pretrained)")
     if not (folder / "config.json").is_file():

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from halos.files import write_json
 from halos.hub.card import CardInputs, RunId, build_card, has_chat_template, read_evals
 from halos.hub.plan import CARD, Plan, PublishError, build_plan, write_plan
-from halos.io import write_json
+from halos.models import VALUE_HEAD_FILE
 
 IGNORED_REMOTE = (".gitattributes",)  # created by the Hub with every repo
 Log = Callable[[str], None]
@@ -74,7 +75,7 @@ def card_inputs(opts: PublishOptions) -> CardInputs:
                       evals=read_evals(eval_dir) if eval_dir.is_dir() else {},
                       base_model=opts.base_model, datasets=list(opts.datasets),
                       license=opts.license,
-                      has_value_head=(opts.folder / "value_head.safetensors").is_file(),
+                      has_value_head=(opts.folder / VALUE_HEAD_FILE).is_file(),
                       prompt_suffix=minfo.prompt_suffix(info) if info else "",
                       has_chat_template=has_chat_template(opts.folder))
 

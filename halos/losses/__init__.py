@@ -48,7 +48,7 @@ def build_loss(name: str, params: Mapping[str, Any] | None = None) -> AlignmentL
 
 
 # Importing the modules registers their losses.
-from halos.losses import cpo, csft, dpo, kto, ppo, rm, sft, slic  # noqa: E402, F401
+from halos.losses import cpo, csft, dpo, kto, offline_ppo, rm, sft, slic  # noqa: E402, F401
 
 __all__ = [
     "LOSSES", "AlignmentLoss", "LossOutput", "PairedLogps", "SFTLogps", "TokenLogps",

@@ -24,6 +24,9 @@ class CPOLoss(AlignmentLoss):
     L = L_prefer + α L_NLL with L_prefer = -log σ(β log π(y_w|x) - β log π(y_l|x)) (the DPO loss
     with a uniform reference, summed log-probs) and L_NLL = -log π(y_w|x) (length-normalised here).
     Hyperparameter names and defaults are ms-swift's / TRL's (`beta`, `cpo_alpha`).
+
+    Reference implementation: TRL's `CPOTrainer.cpo_loss`, loss_type="sigmoid" (α·NLL term: L844),
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/experimental/cpo/cpo_trainer.py#L632-L703
     """
 
     batch_kind = "paired"
@@ -57,6 +60,9 @@ class SimPOLoss(CPOLoss):
     Eq. 6: L = -log σ(β/|y_w| log π(y_w|x) - β/|y_l| log π(y_l|x) - γ), on length-averaged
     log-probs, plus ms-swift's / TRL's CPO NLL term α L_NLL for stability; `cpo_alpha=0` gives the
     original SimPO. Names and defaults are ms-swift's: `beta` 2.0, `simpo_gamma` (γ) 1.0.
+
+    Reference implementation: TRL's `CPOTrainer.cpo_loss`, loss_type="simpo" (averaged: L804),
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/experimental/cpo/cpo_trainer.py#L669-L676
     """
 
     average_logps = True
@@ -81,6 +87,9 @@ class ORPOLoss(AlignmentLoss):
     Eq. 7: L_OR = -log σ(log odds(y_w|x) - log odds(y_l|x)), odds(y|x) = P(y|x) / (1 - P(y|x)),
     where P(y|x) = exp(mean_t log π(y_t|x, y_<t)) is the length-normalised likelihood (hence
     `average_logps`). As in ms-swift and TRL, λ is passed as `beta` (default 0.1, TRL's).
+
+    Reference implementation: TRL's `ORPOTrainer.odds_ratio_loss` (full loss: L805),
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/experimental/orpo/orpo_trainer.py#L647-L659
     """
 
     batch_kind = "paired"

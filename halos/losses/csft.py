@@ -15,6 +15,10 @@ class ConditionalSFTLoss(AlignmentLoss):
     Every completion, desirable or not, is trained with the SFT token-mean NLL, conditioned on a
     control token appended to its prompt: `<|good|>` for desirable ones, `<|bad|>` otherwise. The
     trainer adds both tokens to the tokenizer; at sampling time `<|good|>` is appended to the prompt.
+    (HALOs instead starts the completion with the token, so the token is in its loss too.)
+
+    Reference implementation: HALOs' `ConditionalSFTDataLoader` with `SFTTrainer`,
+    https://github.com/ContextualAI/HALOs/blob/4831988636b4cbc1c30c0bce78df568cf0f8103b/train/dataloader.py#L345-L448
     """
 
     batch_kind = "unpaired"

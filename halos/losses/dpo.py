@@ -20,6 +20,9 @@ class DPOLoss(AlignmentLoss):
     Eq. 7: L = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))]),
     with summed log-probs. `rpo_alpha` adds α × the length-normalised NLL of the chosen response
     (Pang et al., 2024, https://arxiv.org/abs/2404.19733, Eq. 4; TRL's `rpo_alpha`); off by default.
+
+    Reference implementation: TRL's `dpo_loss`, loss_type="sigmoid" (`rpo_alpha`: L1815-L1816),
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/trainer/dpo_trainer.py#L1130-L1156
     """
 
     batch_kind = "paired"
@@ -55,6 +58,9 @@ class ConservativeDPOLoss(DPOLoss):
 
     L = -(1 - ε) log σ(β h) - ε log σ(-β h), h the DPO log-ratio margin (Rafailov et al., Eq. 7).
     This is TRL's `label_smoothing` for loss_type="sigmoid" and HALOs' cDPO (ε = 0.2 there too).
+
+    Reference implementation: TRL's `dpo_loss`, loss_type="sigmoid" with `label_smoothing`,
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/trainer/dpo_trainer.py#L1149-L1156
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.2,
@@ -75,6 +81,9 @@ class RobustDPOLoss(DPOLoss):
     The de-biased loss of Sec. 3 for labels flipped w.p. ε < 1/2:
     L = [(1 - ε) ℓ(h) - ε ℓ(-h)] / (1 - 2ε), ℓ(h) = -log σ(β h), h the DPO log-ratio margin.
     Its expectation under the noisy labels equals the clean DPO loss. TRL's loss_type="robust".
+
+    Reference implementation: TRL's `dpo_loss`, loss_type="robust",
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/trainer/dpo_trainer.py#L1158-L1162
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.2,
@@ -100,6 +109,9 @@ class IPOLoss(DPOLoss):
     log-likelihoods (`average_logps`), as in the authors' experiments: the DPO repo's summed version
     makes the regulariser depend on response length, and TRL fixed it ("[DPO] average_log_prob when
     loss is IPO", huggingface/trl#1265). τ also scales the reward metrics, as β does for DPO.
+
+    Reference implementation: TRL's `dpo_loss`, loss_type="ipo" (length-normalised: L1717-L1718),
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/trainer/dpo_trainer.py#L1177-L1179
     """
 
     average_logps = True

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 import torch
 
 from halos.losses import register_loss
-from halos.losses.base import AlignmentLoss, LossOutput, UnpairedLogps
+from halos.losses.base import AlignmentLoss, LossOutput, UnpairedLogps, label_sums
 from halos.losses.functional import mean_over_ranks
 
 RECOMMENDED_WEIGHT_RATIO = (1.0, 4.0 / 3.0)  # λD·nD / (λU·nU), as the KTO paper and ms-swift recommend
@@ -21,6 +21,9 @@ class KTOLoss(AlignmentLoss):
     The reference point z = max(0, mean_j [log π(y_j|x_i) - log π_ref(y_j|x_i)]) is estimated
     from the mismatched pairs the trainer scores (`UnpairedLogps.kl`), without gradient, averaged
     over data-parallel ranks before clamping (as TRL does). Names and defaults are ms-swift's.
+
+    Reference implementation: TRL's `KTOTrainer.kto_loss`, loss_type="kto",
+    https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/experimental/kto/kto_trainer.py#L1013-L1056
     """
 
     batch_kind = "unpaired"
@@ -60,8 +63,8 @@ class KTOLoss(AlignmentLoss):
                 f"undesirable_weight={suggest_u:.3g}")
 
     def dataset_warnings(self, counts: Mapping[str, int]) -> list[str]:
-        """Warnings about the training data for this loss; `counts` has "desirable" and
-        "undesirable" example counts (proposed as a general AlignmentLoss hook)."""
+        """`AlignmentLoss.dataset_warnings` for KTO: `counts` has "desirable" and "undesirable"
+        example counts; warns if the weighted ratio is outside the recommended range."""
         message = self.check_weights(counts.get("desirable", 0), counts.get("undesirable", 0),
                                      self.desirable_weight, self.undesirable_weight)
         return [message] if message else []
@@ -76,19 +79,9 @@ class KTOLoss(AlignmentLoss):
         losses = torch.where(desirable,
                              self.desirable_weight * (1 - torch.sigmoid(self.beta * (logratios - z))),
                              self.undesirable_weight * (1 - torch.sigmoid(self.beta * (z - logratios))))
-        return LossOutput(losses=losses, metrics=self._metrics(self.beta * logratios, desirable, z))
-
-    @staticmethod
-    def _metrics(rewards: torch.Tensor, desirable: torch.Tensor,
-                 z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sums and counts per label, not means: a microbatch may hold only one kind. The ratio of
-        the summed `*_sum` and `*_count` over microbatches and ranks is the mean reward."""
-        rewards = rewards.detach()
-        metrics = {"kl": z}
-        for name, mask in (("desirable", desirable), ("undesirable", ~desirable)):
-            metrics[f"rewards/{name}_sum"] = (rewards * mask).sum()
-            metrics[f"rewards/{name}_count"] = mask.sum().to(rewards.dtype)
-        return metrics
+        # Per-label sums and counts, not means: a microbatch may hold only one label.
+        rewards = label_sums(self.beta * logratios, desirable, "rewards")
+        return LossOutput(losses=losses, metrics={"kl": z, **rewards})
 
 
 @torch.no_grad()

@@ -12,6 +12,9 @@ class SFTLoss(AlignmentLoss):
     The mean is over tokens of the whole microbatch (not per sequence), as in standard causal-LM
     training: loss = -Σ_i Σ_t log p(y_it) / Σ_i |y_i|. Per-example values are scaled so that
     their mean is exactly that token mean.
+
+    Reference implementation: HALOs' `SFTTrainer.get_batch_metrics`,
+    https://github.com/ContextualAI/HALOs/blob/4831988636b4cbc1c30c0bce78df568cf0f8103b/train/trainers.py#L552-L581
     """
 
     batch_kind = "sft"

@@ -15,6 +15,9 @@ class SLiCLoss(AlignmentLoss):
 
     Reference-free, on summed sequence log-probs; both terms are per sequence (HALOs' version
     broadcast a token-level NLL here). `delta` is δ (HALOs calls it `beta`), `lambda_coef` is λ.
+
+    Reference implementation: HALOs' `SLiCTrainer.loss`,
+    https://github.com/ContextualAI/HALOs/blob/4831988636b4cbc1c30c0bce78df568cf0f8103b/train/trainers.py#L824-L848
     """
 
     batch_kind = "paired"

@@ -7,19 +7,19 @@ import json
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from halos import engine as eng
-from halos.batching import Batch, pack_logps, pack_token_logps
 from halos.config import TrainConfig
-from halos.dataview import DataView
 from halos.losses.base import AlignmentLoss, Logps, LossOutput
 from halos.losses.functional import means_from_sums
-from halos.metrics import MetricsLogger, reduce_mean, reduce_sum
-from halos.reflogps import ReferenceLogps
+from halos.train.batching import Batch, pack_logps, pack_token_logps
+from halos.train.checkpoints import save_checkpoint
+from halos.train.dataview import DataView
+from halos.train.engine import zero_stage
+from halos.train.metrics import MetricsLogger, reduce_mean, reduce_sum
+from halos.train.reference import ReferenceLogps
+from halos.train.session import Session, resume
 
 # Options whose change makes a checkpoint belong to another run (logging options may change).
 RESUME_KEYS = ("model", "data", "loss", "loss_params", "ref_logps", "max_length",
@@ -36,18 +36,17 @@ def run_fingerprint(cfg: TrainConfig, world_size: int) -> str:
 class Trainer:
     def __init__(self, engine, loss: AlignmentLoss, train: DataView, held_out: DataView | None,
                  plan: list[list[list[int]]], cfg: TrainConfig, logger: MetricsLogger,
-                 reference: ReferenceLogps | None, zero_stage: int):
+                 reference: ReferenceLogps | None, session: Session):
         self.engine, self.loss, self.train, self.held_out = engine, loss, train, held_out
         self.plan, self.cfg, self.logger, self.reference = plan, cfg, logger, reference
-        self.zero_stage = zero_stage
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
+        self.session = session
+        self.zero_stage = zero_stage(session.ds)
+        self.rank, self.world = session.rank, session.world
         self.fingerprint = run_fingerprint(cfg, self.world)
-        self.checkpoints = Path(cfg.out) / "checkpoints"
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
-        start = self.resume()
+        start = resume(self.engine, self.session, self.fingerprint, self.logger)
         last: dict[str, float] = {}
         for step in range(start, len(self.plan)):
             last = self._train_step(step)
@@ -58,8 +57,8 @@ class Trainer:
             if self.cfg.eval_every and done % self.cfg.eval_every == 0 and done < len(self.plan):
                 self.logger.log(done, self.evaluate(), split="eval")
             if self.cfg.save_every and done % self.cfg.save_every == 0 and done < len(self.plan):
-                eng.save_checkpoint(self.engine, self.checkpoints, done,
-                                    {"step": done, "fingerprint": self.fingerprint})
+                save_checkpoint(self.engine, self.session.checkpoints, done,
+                                {"step": done, "fingerprint": self.fingerprint})
         final_eval = self.evaluate()
         self.logger.log(len(self.plan), final_eval, split="eval")
         return final_eval
@@ -158,15 +157,6 @@ class Trainer:
         n = totals.pop("_n")
         means = {k: v if k.endswith(("_sum", "_count")) else v / n for k, v in totals.items()}
         return means_from_sums(means)
-
-    # ------------------------------------------------------------------ checkpoints
-    def resume(self) -> int:
-        state = eng.resume_latest(self.engine, self.checkpoints, self.fingerprint)
-        if state is None:
-            return 0
-        self.logger.message(f"[halos] resumed from {state['path']} at step {state['step']}")
-        self.logger.advance(0)
-        return int(state["step"])
 
 
 def _scalar_metrics(out: LossOutput, loss: torch.Tensor) -> dict[str, float]:

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from halos.io import atomic_file
-from halos.ops import backbone_hidden, token_logps_from_hidden
+from halos.files import atomic_file
+from halos.models import VALUE_HEAD_FILE
+from halos.train.logps import backbone_hidden, token_logps_from_hidden
 
-VALUE_HEAD_FILE = "value_head.safetensors"
 WEIGHT_KEY, BIAS_KEY = "v_head.summary.weight", "v_head.summary.bias"
 
 Prompt = str | list[dict]  # plain text, or chat messages rendered with the tokenizer's template
@@ -76,7 +76,7 @@ class ValueHeadModel(nn.Module):
                 loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (N,) float32 read at the last scored token, and scored-token counts (N,).
 
-        Counts follow `halos.ops`: token t is scored when loss_mask[t] is set and t > 0.
+        Counts follow `halos.train.logps`: token t is scored when loss_mask[t] is set and t > 0.
         """
         hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
         last = last_scored_position(loss_mask, attention_mask)  # (N,)
@@ -208,7 +208,7 @@ def score_texts(model_dir: str | Path, prompts: Sequence[Prompt], responses: Seq
     is `plain_encoder(tokenizer)`. Over `max_length` tokens, the prompt is cut from the left, then
     the response from the right. `model` skips loading (tests, or scoring several lists).
     """
-    from halos.batching import collate
+    from halos.train.batching import collate
 
     if len(prompts) != len(responses):
         raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")

@@ -15,20 +15,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from halos.io import atomic_dir
+from halos.data.templates import CHATML_TEMPLATE
+from halos.files import atomic_dir
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|im_end|>"
 TURN_START = "<|im_start|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, TURN_START]
-
-# ChatML: no BOS, every turn closed by <|im_end|>, which is also the EOS the model learns to emit.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class TinySize:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from halos.io import atomic_file
+from halos.files import atomic_file
 
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from halos import rl
 from halos.losses import register_loss
 from halos.losses.base import AlignmentLoss, LossOutput, TokenLogps, label_sums
+from halos.rl import ppo_math as rl
 
 
 @register_loss("ppo")
@@ -28,15 +28,20 @@ class OfflinePPOLoss(AlignmentLoss):
     averaged over the batch's response tokens (HALOs' masked mean). V is a scalar head on the
     policy's backbone; V_old is its detached output (one step: the value clip never binds).
 
-    Names and defaults are HALOs' (`KL_coef` there), with two differences. The clip is the PPO
-    paper's [1 − ε, 1 + ε]; HALOs clips to [ε, 1/ε], which has the same lower end at its
-    ε = 0.5. The critic regresses on the GAE returns R_t (PPO, TRL); HALOs' target sums only the
-    rewards after token t, so it is 0 at the last token that carries the reward. HALOs'
-    `ppo_epochs` (default 1) has no counterpart: each batch gets one gradient step.
+    Names and defaults are HALOs' (`KL_coef` there; HALOs at the commit linked below), with two
+    differences. The clip is the PPO paper's [1 − ε, 1 + ε]; HALOs clips to [ε, 1/ε], which has
+    the same lower end at its ε = 0.5. The critic regresses on the GAE returns R_t (PPO, TRL);
+    HALOs' target sums only the rewards after token t, so it is 0 at the last token that carries
+    the reward. HALOs' `ppo_epochs` (default 1) has no counterpart: each batch gets one gradient
+    step.
 
     Metrics have TRL's names (loss/policy, loss/value, policy/clipfrac, policy/approxkl,
     val/clipfrac, objective/kl = Σ_t log π − log π_ref, ...) plus the mean summed log-ratio of
     each label (logratio/desirable, logratio/undesirable).
+
+    Reference implementation: HALOs' `PPOTrainer.compute_advantages` and `.loss` (HALOs' main
+    since 4831988 clips to [1 − ε, 1 + ε], adds r_t to the critic target, negates the KL term),
+    https://github.com/ContextualAI/HALOs/blob/5d8a5e4b86782b3b8e8bdcedcd053f8a02f97592/train/trainers.py#L952-L1032
     """
 
     batch_kind = "unpaired"

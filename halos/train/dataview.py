@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from halos.batching import Batch, example_length, kl_partners, make_batch, scored_sequences
 from halos.config import TrainConfig
 from halos.data.types import TokenizedCompletion, TokenizedExample
 from halos.losses.base import AlignmentLoss, BatchKind
+from halos.train.batching import Batch, example_length, kl_partners, make_batch, scored_sequences
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""`halos ref-logps`: score every sequence any loss may need with the reference model, once per
+(model, dataset); every alignment job on that data then reads the file (halos/train/reference.py)
+instead of loading a reference model."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from halos.config import ConfigError, TrainConfig
+from halos.train import engine as eng
+from halos.train.batching import collate
+from halos.train.dataview import load_view
+from halos.train.distributed import barrier, init_distributed
+from halos.train.logps import CausalLMLogps
+from halos.train.reference import model_identity, write_reference_file
+from halos.train.session import check_fits
+
+
+def reference_logps(cfg: TrainConfig) -> Path:
+    """Score every sequence any loss may need on `cfg.data` with the reference model, once."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to recompute")
+    rank, world = init_distributed()
+    ds = eng.deepspeed_config(cfg)
+    model, tokenizer = eng.load_causal_lm(cfg.model, ds)
+    check_fits(model, cfg)
+    sequences = _all_reference_sequences(cfg, tokenizer)
+    engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,
+                              None)
+
+    # Longest first in fixed-size batches, dealt round-robin; all ranks run the same count.
+    order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
+    size = cfg.micro_batch_size * 2
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    rounds = -(-len(chunks) // world)
+    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for r in range(rounds):
+            i = r * world + rank
+            indices = chunks[min(i, len(chunks) - 1)]
+            batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id, "sft", 0)
+            device = engine.device
+            grid, mask = engine(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                batch.loss_mask.to(device))
+            if i < len(chunks):
+                grid, mask = grid.float().cpu(), mask.cpu()
+                # The flat per-token log-probs are row after row, each row's in order.
+                results.append((batch.keys, grid.sum(-1), mask.sum(-1), grid[mask]))
+    gathered = [results] if world == 1 else _gather(results, world)
+    if rank == 0:
+        keys, sums, counts, token_logps = _merge(gathered)
+        write_reference_file(out, keys, sums, counts, model=cfg.model,
+                             identity=model_identity(cfg.model), data_fingerprint=_fingerprint(keys),
+                             token_logps=token_logps)
+        print(f"[halos] wrote reference log-probs of {len(keys)} sequences to {out}", flush=True)
+    barrier()
+    return out
+
+
+def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The union of sequences the paired and unpaired (with KL pairs) views of the data score."""
+    from halos.losses import get_loss_class
+
+    probe = get_loss_class("sft")()  # only for prompt suffixes (none) when building views
+    cfg = dataclasses.replace(cfg, eval_examples=0)  # every held-out row: runs may use any prefix
+    unique: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}
+    first = json.loads((Path(cfg.data) / "train.jsonl").open().readline() or "{}")
+    views = _choices(cfg.ref_views, {"paired", "unpaired"}, "--ref-views")
+    kinds = [k for k in ("paired", "unpaired") if k in views and ("chosen" in first or k != "paired")]
+    for split in _choices(cfg.ref_splits, {"train", "test"}, "--ref-splits"):
+        if not (Path(cfg.data) / f"{split}.jsonl").is_file():
+            continue
+        for kind in kinds:
+            view = load_view(cfg, probe, tokenizer, split, kind=kind, with_kl=kind == "unpaired")
+            for prompt, response in view.sequences():
+                unique[(tuple(prompt), tuple(response))] = None
+    return [(list(p), list(r)) for p, r in unique]
+
+
+def _choices(value: str, allowed: set[str], option: str) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - allowed)
+    if unknown or not chosen:
+        raise ConfigError(f"{option} {value!r}: choose a comma-separated subset of {sorted(allowed)}")
+    return chosen
+
+
+def _gather(results: list, world: int) -> list | None:
+    """Every rank's results on rank 0 (None elsewhere): the per-token log-probs are large."""
+    gathered: list | None = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(results, gathered, dst=0)
+    return gathered
+
+
+def _merge(gathered: list) -> tuple[torch.Tensor, ...]:
+    """Concatenate each field of the (keys, sums, counts, token log-probs) of every batch."""
+    batches = [batch for results in gathered for batch in results]
+    return tuple(torch.cat(field) for field in zip(*batches, strict=True))
+
+
+def _fingerprint(keys: torch.Tensor) -> str:
+    return hashlib.sha256(torch.sort(keys).values.numpy().tobytes()).hexdigest()[:32]

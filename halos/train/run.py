@@ -1,0 +1,98 @@
+"""`halos sft` and `halos align`: one run of the one trainer, read top to bottom.
+
+config → session (process group, seed, DeepSpeed config) → loss → model and tokenizer → data →
+step plan → DeepSpeed engine → fit (halos/train/loop.py) → export the Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from halos.config import ConfigError, TrainConfig
+from halos.losses import build_loss
+from halos.losses.base import AlignmentLoss
+from halos.train import engine as eng
+from halos.train.batching import collate, plan_steps
+from halos.train.checkpoints import consolidated_state_dict, export_hf_folder
+from halos.train.dataview import DataView, load_view
+from halos.train.logps import CausalLMLogps
+from halos.train.loop import Trainer
+from halos.train.reference import ReferenceLogps
+from halos.train.session import check_fits, finish_run, open_logger, start_run
+
+
+def train(cfg: TrainConfig) -> Path:
+    cfg.validate()
+    loss = build_loss(cfg.loss, cfg.loss_params)
+    session = start_run(cfg)
+    model, tokenizer = eng.load_causal_lm(cfg.model, session.ds, loss.extra_special_tokens)
+    check_fits(model, cfg)
+    train_data = load_view(cfg, loss, tokenizer, "train")
+    held_out = load_view(cfg, loss, tokenizer, "test") if cfg.eval_examples else None
+    reference = open_reference(cfg, loss, [train_data, held_out])
+    plan = step_plan(cfg, train_data, session.world)
+    for warning in loss.dataset_warnings(train_data.label_counts()):
+        print(f"[halos] warning: {warning}", flush=True)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = trainable_module(model, loss, cfg)
+    engine = eng.build_engine(module, session.ds, cfg, total_steps=len(plan))
+    logger = open_logger(cfg, session, len(plan))
+    trainer = Trainer(engine, loss, train_data, held_out, plan, cfg, logger, reference, session)
+    final_eval = trainer.fit()
+
+    state = consolidated_state_dict(engine, session.ds)
+    summary = {"config": cfg.to_dict(), "loss": loss.name, "steps": len(plan),
+               "world_size": session.world, "final_eval": final_eval}
+    export_hf_folder(module, state, tokenizer, session.final, {"halos_training.json": summary})
+    finish_run(cfg, session, logger)
+    return session.final
+
+
+def step_plan(cfg: TrainConfig, train_data: DataView, world: int) -> list[list[list[int]]]:
+    """Every optimizer step's microbatches (example indices), fixed before the first step."""
+    plan = plan_steps(train_data.lengths(), micro_batch_size=cfg.micro_batch_size,
+                      grad_accum=cfg.gradient_accumulation_steps, world_size=world,
+                      epochs=cfg.epochs, seed=cfg.seed, bucketing=cfg.length_bucketing,
+                      labels=train_data.labels())
+    if cfg.max_steps:
+        plan = plan[: cfg.max_steps]
+    if not plan:
+        per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+        raise ConfigError(f"{cfg.data}: {len(train_data)} training examples are fewer than one "
+                          f"optimizer step needs ({per_step} = micro batch × accumulation × "
+                          f"processes); lower --micro-batch-size or add data")
+    return plan
+
+
+def trainable_module(model: torch.nn.Module, loss: AlignmentLoss,
+                     cfg: TrainConfig) -> torch.nn.Module:
+    """What DeepSpeed trains: the LM returning log-probs (per sequence or per token), the LM +
+    value head returning scores (a reward model), or the LM and a value head together (PPO)."""
+    from halos.models.value_head import PolicyValueModel, ValueHeadModel
+
+    if loss.model_head == "value_head":
+        return ValueHeadModel(model)
+    if loss.model_head == "causal_lm_value_head":
+        return PolicyValueModel(model, chunk_size=cfg.logits_chunk_size)
+    return CausalLMLogps(model, cfg.logits_chunk_size, token_level=loss.token_level)
+
+
+def open_reference(cfg: TrainConfig, loss: AlignmentLoss,
+                   views: list[DataView | None]) -> ReferenceLogps | None:
+    """Load and check the reference file before any training step."""
+    if not loss.needs_reference:
+        return None
+    if not cfg.ref_logps:
+        raise ConfigError(f"loss {loss.name!r} needs --ref-logps (compute it with "
+                          f"`halos ref-logps --model {cfg.model} --data {cfg.data}`)")
+    reference = ReferenceLogps(cfg.ref_logps)
+    reference.check_model(cfg.reference_model or cfg.model)
+    if loss.token_level:
+        reference.require_tokens()
+    for view in views:
+        if view is not None and len(view):
+            reference.check_covers(collate(view.sequences(), view.pad_id, "sft", 0).keys)
+    return reference
