@@ -16,13 +16,21 @@ import argparse
 import dataclasses
 import inspect
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from halos.config import PPO_UNUSED_OPTIONS, ConfigError, PPOConfig, TrainConfig, load_yaml_config
+from halos.config import (
+    PPO_UNUSED_OPTIONS,
+    ConfigError,
+    PPOConfig,
+    TrainConfig,
+    load_yaml_config,
+    resolve_model,
+)
 
 # The run config of each command; its fields are the command's options.
 _CONFIG = {"sft": TrainConfig, "align": TrainConfig, "ref-logps": TrainConfig, "ppo": PPOConfig}
@@ -37,6 +45,19 @@ _NOT_FOR = {
                   "wandb", "wandb_project", "run_name", "length_bucketing"},
     "ppo": set(PPO_UNUSED_OPTIONS),
 }
+
+
+# What argparse reads as a (negative) number rather than an option: also -1e-3 and -1.
+_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """`--learning-rate -1e-3` is a value (then refused by validation if out of range), not a
+    missing argument: Python 3.11's argparse only takes -1 and -0.5 for numbers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
 
 def _add_config_options(parser: argparse.ArgumentParser, command: str) -> None:
@@ -110,10 +131,10 @@ def _train_parser(command: str, argv: Sequence[str]) -> argparse.ArgumentParser:
         "ppo": "Online PPO (RLHF): sample responses to the training prompts, score them with "
                "the reward model, update policy and value model (TRL's PPO trainer).",
     }
-    parser = argparse.ArgumentParser(prog=f"halos {command}", description=descriptions[command])
+    parser = _Parser(prog=f"halos {command}", description=descriptions[command])
     if command == "align":
         # The loss decides which hyperparameter flags exist, so read it (CLI or YAML) first.
-        pre = argparse.ArgumentParser(add_help=False)
+        pre = _Parser(add_help=False)
         pre.add_argument("--loss")
         pre.add_argument("--config")
         known, _ = pre.parse_known_args(argv)
@@ -188,7 +209,7 @@ def _run_score(argv: Sequence[str]) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
 
     def encode(prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
         row = {"id": "score", "prompt": prompt, "label": "desirable",
@@ -231,12 +252,20 @@ COMMANDS = {
 }
 
 
-def _delegate(module: str, function: str, *prefix: str) -> Callable[[Sequence[str]], int]:
-    """A command implemented in a subpackage (imported only when used)."""
+def _delegate(module: str, function: str, *prefix: str,
+              loads_model: bool = False) -> Callable[[Sequence[str]], int]:
+    """A command implemented in a subpackage (imported only when used). For one that
+    `loads_model`, its --model is resolved first, as for the training commands."""
 
     def run(argv: Sequence[str]) -> int:
         import importlib
 
+        if loads_model:
+            pre = _Parser(add_help=False)
+            pre.add_argument("--model")
+            model = pre.parse_known_args(argv)[0].model
+            if model:
+                resolve_model(model)
         return getattr(importlib.import_module(module), function)([*prefix, *argv])
 
     return run
@@ -244,10 +273,11 @@ def _delegate(module: str, function: str, *prefix: str) -> Callable[[Sequence[st
 
 COMMANDS.update({
     "data": _delegate("halos.data.cli", "main", "data"),
-    "sample": _delegate("halos.eval.cli", "main_sample"),
-    "eval": _delegate("halos.eval.cli", "main_eval"),
+    "sample": _delegate("halos.eval.cli", "main_sample", loads_model=True),
+    "eval": _delegate("halos.eval.cli", "main_eval", loads_model=True),
     "report": _delegate("halos.eval.cli", "main_report"),
     "publish": _delegate("halos.hub.cli", "main_publish"),
+    "plan": _delegate("halos.plan.cli", "main_plan"),
 })
 
 

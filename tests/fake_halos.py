@@ -32,6 +32,7 @@ def main(argv):
     elif command == "report":
         out.write_text("| model | dataset | loss |\n")
         out.with_suffix(".csv").write_text("model,dataset,loss\n")
+        out.with_suffix(".rst").write_text("Leaderboard\n-----------\n")
         (out.parent / "plots").mkdir(exist_ok=True)
         (out.parent / "plots" / "scores.png").write_bytes(b"\x89PNG")
     else:  # ref-logps, sample, eval *

@@ -46,9 +46,10 @@ def test_unknown_loss_lists_the_choices(capsys, tmp_path: Path) -> None:
     assert "unknown loss 'dpoo'" in err and "kto" in err
 
 
-def test_unknown_loss_hyperparameter_from_yaml_is_named(capsys, tmp_path: Path) -> None:
-    config = tmp_path / "run.yaml"
-    config.write_text(f"loss: dpo\nloss_params: {{betta: 0.2}}\nmodel: m\ndata: {tmp_path}\n"
+def test_unknown_loss_hyperparameter_from_yaml_is_named(capsys, tmp_path: Path,
+                                                         tiny_model: Path) -> None:
+    config = tmp_path / "run.yaml"  # a real model: a missing one is refused first
+    config.write_text(f"loss: dpo\nloss_params: {{betta: 0.2}}\nmodel: {tiny_model}\ndata: {tmp_path}\n"
                       f"out: {tmp_path / 'o'}\n")
     err = _error(capsys, "align", "--config", config)
     assert "betta" in err and "beta=0.1" in err

@@ -1,17 +1,21 @@
 """The DAG for real, with the real `halos`: the micro suite killed midway and resumed, a second
-suite beside it that must not touch it, and (slow) the whole default tiny suite end to end with
-its leaderboard."""
+suite beside it that must not touch it, its job logs and HTML report as a user sees them (in a
+real browser), and (slow) the whole default tiny suite end to end with its leaderboard."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -171,3 +175,100 @@ def check_alignment_wins(rows: list[dict]) -> None:
         assert _number(row, "win_rate") > 0.5, row
         if model == "tiny-1m":
             assert _number(row, "ci90_lo") > 0.5, f"{model}/{loss} does not beat SFT: {row}"
+
+
+# ================================================================== what users look at
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_job_logs_show_progress_and_the_resumed_run_logged_each_step_once(micro_run):
+    """The interrupted-and-resumed dpo job's metrics.jsonl has every step once, and each
+    training job's log (what `tail -f logs/…` shows) has its progress lines."""
+    work, _ = micro_run
+    run = work / "results/micro/tiny-1m/synthetic/sft+dpo"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 41))
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [40]
+    for log, loss, total in (("sft/tiny-1m/synthetic", "sft", 30),
+                             ("align/tiny-1m/synthetic/sft+dpo", "sft+dpo", 40)):
+        log = (work / f"logs/micro/{log}.log").read_text()
+        assert f"[halos] {loss} step {total}/{total} (100%) | loss " in log, log[-2000:]
+
+
+class _Page(HTMLParser):
+    """The leaderboard tables (cell texts by row) and the plot images of a rendered page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.images: list[dict] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        attrs = dict(attrs)
+        if tag == "table" and "leaderboard" in (attrs.get("class") or "").split():
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th") and self.tables:
+            self._cell = []
+        elif tag == "img" and "plot" in (attrs.get("class") or "").split():
+            self.images.append(attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _chromium(page: Path, profile: Path, *action: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on the file URL, a fresh profile, no network, the page's scripts
+    given time to render (virtual time)."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,2400",
+               "--virtual-time-budget=10000", *action, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a browser: apt-get install chromium "
+                    "(.ci/run installs it)")
+def test_html_report_shows_the_leaderboard_and_plots_in_a_browser(micro_run, tmp_path: Path):
+    """`snakemake --report` of the finished micro suite, copied away from results/ (it must be
+    self-contained), rendered by a real browser: the landing page shows the leaderboard table
+    with every loss and the plots as images that decode."""
+    from PIL import Image
+
+    work, _ = micro_run
+    page = tmp_path / "elsewhere" / "report.html"
+    page.parent.mkdir()
+    snakemake(work, "--config", f"suite={MICRO}", "--report", str(page), env=env())
+    dom = _chromium(page, tmp_path / "profile-dom", "--dump-dom").stdout
+    shot = tmp_path / "report.png"
+    _chromium(page, tmp_path / "profile-shot", f"--screenshot={shot}")
+
+    rendered = _Page()
+    rendered.feed(dom)
+    assert "System Message" not in dom  # no reStructuredText error on the page
+    board = rendered.tables[0]
+    assert board[0][:5] == ["model", "size", "dataset", "loss", "win rate vs sft (90% CI)"]
+    assert [row[3] for row in board[1:]] == ["sft", "sft+dpo", "sft+kto"]
+    by_loss = {row[3]: dict(zip(board[0], row, strict=True)) for row in board[1:]}
+    csv_rows = {r["loss"]: r for r in leaderboard_rows(work, "micro")}
+    for loss, cells in by_loss.items():
+        if csv_rows[loss]["win_rate"]:
+            assert cells["win rate vs sft (90% CI)"].startswith(
+                f"{float(csv_rows[loss]['win_rate']):.3f} [")
+    plots = sorted(p.stem for p in (work / "results/micro/plots").glob("*.png"))
+    assert sorted(img["alt"] for img in rendered.images) == plots and len(plots) >= 3
+    for img in rendered.images:
+        assert img["src"].startswith("data:image/png;base64,"), img["src"][:80]
+        image = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+    with Image.open(shot) as screenshot:
+        assert screenshot.size == (1400, 2400)
+        assert len(set(screenshot.convert("L").getdata())) > 50  # a page, not a blank canvas

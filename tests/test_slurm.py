@@ -131,8 +131,8 @@ def failure(result) -> str:
     return f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
 
 
-def leaderboard(work: Path) -> dict[str, dict]:
-    with open(work / "results" / "leaderboard.csv") as handle:
+def leaderboard(work: Path, suite: str = "slurm") -> dict[str, dict]:
+    with open(work / "results" / suite / "leaderboard.csv") as handle:
         return {row["loss"]: row for row in csv.DictReader(handle)}
 
 
@@ -305,7 +305,7 @@ def test_requeued_and_cancelled_training_job_resumes_from_its_checkpoint(slice_r
     assert step >= second, text[-2000:]
     print(f"rerun resumed from step {step}, finished in {elapsed:.0f} s")
     assert training_info(work, "sft+dpo-resume", "slurm-resume")["world_size"] == 2
-    rows = leaderboard(work)
+    rows = leaderboard(work, "slurm-resume")
     assert {"sft", "sft+dpo-resume"} <= set(rows)
     number(rows["sft+dpo-resume"]["win_rate"]), number(rows["sft+dpo-resume"]["logp_accuracy"])
     assert not checkpoints.exists(), "a finished run removes its checkpoints"

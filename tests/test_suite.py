@@ -101,8 +101,8 @@ def test_unknown_column_names_table_and_row(tables):
 
 
 def test_missing_required_value_names_table_and_row(tables):
-    msg = _error(tables, "models", lambda t: t["tiny-3m"].pop("mem_mb"))
-    assert "models table" in msg and "'tiny-3m'" in msg and "mem_mb" in msg
+    msg = _error(tables, "models", lambda t: t["tiny-3m"].pop("micro_batch_size"))
+    assert "models table" in msg and "'tiny-3m'" in msg and "micro_batch_size" in msg
 
 
 def test_loss_class_not_registered(tables):

@@ -147,9 +147,9 @@ def test_log_appends_json_lines(tmp_path: Path) -> None:
     assert 0.0 <= first["time"] <= second["time"] < 60.0
 
 
-def test_log_appends_to_an_existing_file(tmp_path: Path) -> None:
+def test_a_resumed_log_appends_to_the_rows_before_its_start(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
-    metrics = logger(tmp_path)
+    metrics = logger(tmp_path, start_step=4)
     metrics.log(5, {"loss": 1.0})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0]) == {"step": 0} and json.loads(lines[1])["step"] == 5
@@ -174,7 +174,8 @@ def test_message_advance_and_close_without_progress(tmp_path: Path, capsys) -> N
     metrics.message("step 2 done")
     metrics.close()
     assert metrics.bar is None
-    assert capsys.readouterr().out == "step 2 done\n"
+    progress, message = capsys.readouterr().out.splitlines()  # no bar: a progress line
+    assert progress.startswith("[halos] unit step 2/10 (20%) | ") and message == "step 2 done"
 
 
 def test_progress_bar_counts_from_the_start_step(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from halos.data.errors import DataError
 from halos.data.mix import mix_datasets
-from halos.data.prepare import prepare_dataset
+from halos.data.prepare import check_output_folder, prepare_dataset
 from halos.data.synthetic import generate
 
 
@@ -110,6 +110,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `data` command; bad input exits 2 with the located message."""
     try:
+        check_output_folder(args.out)
         return args.func(args)
     except (DataError, KeyError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

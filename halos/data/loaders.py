@@ -7,6 +7,7 @@ is a row in configs/datasets.yaml plus, if its format is new, one function here.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections import defaultdict
@@ -16,17 +17,25 @@ from pathlib import Path
 from halos.data.errors import DataError, ErrorPolicy, OnError
 from halos.data.readers import Record, records
 from halos.data.rows import as_messages, assistant, normalize_row, paired_row, row_kind, user
+from halos.data.synthetic import build as build_synthetic
 
 Loader = Callable[..., Iterator[dict]]
 LOADERS: dict[str, Loader] = {}
 DEFAULT_SPLITS: dict[str, dict[str, str]] = {}
+# Where a loader's `**options` go, if it takes them (their names are that function's parameters).
+OPTIONS_OF: dict[str, Callable] = {}
+# Parameters of a loader that are not its options: given by prepare_dataset's own arguments.
+NOT_OPTIONS = ("source", "split", "on_error", "seed")
 
 
-def register_loader(name: str, splits: dict[str, str] | None = None) -> Callable[[Loader], Loader]:
-    """Register a loader under `name`; `splits` maps output split names to upstream ones."""
+def register_loader(name: str, splits: dict[str, str] | None = None,
+                    options_of: Callable | None = None) -> Callable[[Loader], Loader]:
+    """Register a loader under `name`; `splits` maps output split names to upstream ones;
+    `options_of` is the function its `**options` are passed to, if any."""
     def decorate(fn: Loader) -> Loader:
         LOADERS[name] = fn
         DEFAULT_SPLITS[name] = splits or {"train": "train", "test": "test"}
+        OPTIONS_OF[name] = options_of or fn
         return fn
     return decorate
 
@@ -35,6 +44,47 @@ def get_loader(name: str) -> Loader:
     if name not in LOADERS:
         raise KeyError(f"unknown loader {name!r}; choose from {sorted(LOADERS)}")
     return LOADERS[name]
+
+
+def loader_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options loader `name` takes (its keyword parameters but source, split, on_error and
+    seed), by name."""
+    get_loader(name)
+    params = inspect.signature(OPTIONS_OF[name]).parameters.values()
+    return {p.name: p for p in sorted(params, key=lambda p: p.name)
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in NOT_OPTIONS}
+
+
+def checked_loader_options(name: str, options: dict) -> dict:
+    """`options` of loader `name`, checked before any work: an unknown option is a DataError
+    naming it and the valid ones; where the default is a number the value must be one (text
+    from `--option n_train=200` is converted)."""
+    known = loader_options(name)
+    checked = {}
+    for key, value in options.items():
+        if key not in known:
+            raise DataError(f"loader {name!r} has no option {key!r}; valid options: "
+                            f"{', '.join(known) or 'none'}", reason="bad_option")
+        checked[key] = _option_value(name, key, value, known[key].default)
+    return checked
+
+
+def _option_value(loader: str, key: str, value: object, default: object) -> object:
+    """A numeric option's value as a number (text converted); other options pass as given."""
+    kind = type(default)
+    if kind not in (int, float):
+        return value
+    numbers = (int, float) if kind is float else (int,)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    elif isinstance(value, numbers) and not isinstance(value, bool):
+        return value
+    words = "an integer" if kind is int else "a number"
+    raise DataError(f"loader {loader!r} option {key} must be {words}, got {value!r}",
+                    reason="bad_option")
 
 
 def _field(data: dict, name: str) -> object:
@@ -281,13 +331,11 @@ def local(source: str, split: str = "train", *, name: str | None = None,
 
 # --- the embedded synthetic task ----------------------------------------------------------------
 
-@register_loader("synthetic", splits={"train": "train", "test": "test"})
+@register_loader("synthetic", splits={"train": "train", "test": "test"}, options_of=build_synthetic)
 def synthetic(source: str = "synthetic", split: str = "train", *, seed: int = 0,
               on_error: OnError | ErrorPolicy = "raise", **options) -> Iterator[dict]:
     """Rows of the seeded "helpful adder" task (`source` is ignored); see halos.data.synthetic."""
-    from halos.data.synthetic import build
-
-    splits = build(seed=int(seed), **options)
+    splits = build_synthetic(seed=int(seed), **options)
     if split not in splits:
         raise KeyError(f"unknown synthetic split {split!r}; choose from {sorted(splits)}")
     yield from splits[split]

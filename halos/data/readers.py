@@ -7,6 +7,7 @@ located exactly.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from collections.abc import Iterable, Iterator
@@ -87,16 +88,21 @@ def _open_lines(path: Path) -> Iterator[bytes]:
 
 def _first_char(path: Path) -> bytes:
     for raw in _open_lines(path):
-        stripped = raw.strip()
+        stripped = raw.removeprefix(codecs.BOM_UTF8).strip()
         if stripped:
             return stripped[:1]
     return b""
 
 
+def _json_error(err: json.JSONDecodeError) -> str:
+    """'Expecting value at column 3', also for messages that end in 'at' already."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
+
+
 def _json_lines(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
     for number, raw in enumerate(_open_lines(path), start=1):
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as err:
             policy.handle(DataError(f"bytes that are not UTF-8 at byte {err.start} of the line",
                                     reason="non_utf8", file=str(path), line=number))
@@ -106,7 +112,7 @@ def _json_lines(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            policy.handle(DataError(f"malformed JSON line: {err.msg} at column {err.colno}",
+            policy.handle(DataError(f"malformed JSON line: {_json_error(err)}",
                                     reason="malformed_json", file=str(path), line=number))
             continue
         if not isinstance(data, dict):
@@ -119,13 +125,16 @@ def _json_lines(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
 def _json_array(path: Path, policy: ErrorPolicy) -> Iterator[Record]:
     raw = b"".join(_open_lines(path))
     try:
-        items = json.loads(raw.decode("utf-8"))
+        items = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError("bytes that are not UTF-8", reason="non_utf8", file=str(path),
                         line=line) from err
     except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON: {err.msg} at column {err.colno}",
+        if err.msg == "Extra data":  # JSON lines whose first line is an array: say it of line 1
+            yield from _json_lines(path, policy)
+            return
+        raise DataError(f"malformed JSON: {_json_error(err)}",
                         reason="malformed_json", file=str(path), line=err.lineno) from err
     for number, data in enumerate(items, start=1):
         if not isinstance(data, dict):
@@ -146,7 +155,8 @@ def _parquet(path: Path) -> Iterator[Record]:
 
 
 def file_records(path: str | Path, policy: ErrorPolicy) -> Iterator[Record]:
-    """Records of one local file; JSON files may be JSON lines or one JSON array."""
+    """Records of one local file; JSON files may be JSON lines or one JSON array (a UTF-8
+    byte-order mark is allowed)."""
     path = Path(path)
     if path.name.endswith(PARQUET_SUFFIXES):
         yield from _parquet(path)

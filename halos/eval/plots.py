@@ -5,6 +5,8 @@
 * winrate_heatmap.png   model × loss heat map of the win rate (annotated; * = CI excludes 0.5)
 * reward_accuracy.png   held-out reward accuracy per loss (bars, one per model) with the judge
                         score of the same models as markers: the two can disagree
+* cost_vs_plan.png      each run's measured training time against the plan's (`halos plan`),
+                        log-log, the diagonal = the plan exact
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 from pathlib import Path
 
 SIZE_PLOT, HEATMAP, REWARD_PLOT = "winrate_vs_size.png", "winrate_heatmap.png", "reward_accuracy.png"
+COST_PLOT = "cost_vs_plan.png"
 MARKERS = "osD^v<>PX*"  # one per loss in the win rate vs size plot
 
 
@@ -178,7 +181,7 @@ def winrate_heatmap(rows: list[dict], path: Path, baseline: str) -> Path | None:
         ax.set_yticklabels([f"{m} ({_size_label(sizes.get(m))})" if sizes.get(m) else m
                             for m in models])
         ax.set_xlabel("loss")
-        ax.set_title(f"{dataset}: win rate vs {baseline}  (* = 90% CI excludes 0.5)")
+        ax.set_title(f"{dataset}: win rate vs {baseline}\n(* = 90% CI excludes 0.5)", fontsize=11)
     cbar = fig.colorbar(image, ax=axes.tolist(), fraction=0.046, pad=0.04)
     cbar.set_label(f"win rate vs {baseline}")
     return _save(fig, path)
@@ -238,7 +241,7 @@ def _reward_bars(ax, here: list[dict], models: list[str], losses: list[str],
             if r.get("judge_score") is not None:
                 judged = True
                 ax.scatter([x], [r["judge_score"]], marker="D", s=46, color="black",
-                           edgecolor="white", zorder=3)
+                           edgecolor="white", zorder=3, clip_on=False)  # whole at 0 and 1
     return hatched, judged
 
 
@@ -256,10 +259,37 @@ def _reward_legend(models: list[str], colors, hatched: bool, judged: bool) -> li
     return handles
 
 
+def cost_vs_plan(rows: list[dict], path: Path) -> Path | None:
+    """Measured vs planned training seconds per run, one marker per model."""
+    have = [r for r in rows if r.get("train_s") and r.get("planned_train_s")]
+    if not have:
+        return None
+    fig, (ax,) = _panels(1, (5.6, 4.6))
+    colors = _plt().get_cmap("tab10")
+    for i, model in enumerate(_models(have)):
+        mine = [r for r in have if r["model"] == model]
+        ax.scatter([r["planned_train_s"] for r in mine], [r["train_s"] for r in mine],
+                   color=colors(i % 10), label=model, s=36)
+        for r in mine:
+            ax.annotate(r["loss"], (r["planned_train_s"], r["train_s"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    values = [v for r in have for v in (r["train_s"], r["planned_train_s"])]
+    low, high = min(values) / 1.5, max(values) * 1.5
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="= plan")
+    ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high),
+           xlabel="planned training time (s, halos plan)",
+           ylabel="measured training time (s, benchmark TSV)")
+    ax.set_title("Training cost: measured vs planned")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def make_plots(rows: list[dict], out_dir: str | Path, baseline: str = "sft") -> list[Path]:
     out_dir = Path(out_dir)
     made = [winrate_vs_size(rows, out_dir / SIZE_PLOT, baseline),
             winrate_heatmap(rows, out_dir / HEATMAP, baseline),
-            reward_accuracy(rows, out_dir / REWARD_PLOT, baseline)]
+            reward_accuracy(rows, out_dir / REWARD_PLOT, baseline),
+            cost_vs_plan(rows, out_dir / COST_PLOT)]
     return [p for p in made if p is not None]
 

@@ -53,7 +53,11 @@ def run_dirs_under(results: str | Path) -> list[Path]:
     root = Path(results)
     if not root.is_dir():
         raise FileNotFoundError(f"--results {str(root)!r}: no such folder")
-    return sorted(d.parent for d in root.glob("*/*/*/eval") if d.is_dir())
+    from halos.eval.progress import is_unfinished
+
+    evaluated = {d.parent for d in root.glob("*/*/*/eval") if d.is_dir()}
+    return sorted(evaluated | {m.parent for m in root.glob("*/*/*/metrics.jsonl")
+                               if is_unfinished(m.parent)})
 
 
 def collect_rows(run_dirs: list[str | Path], baseline_loss: str = "sft") -> list[dict]:
@@ -68,6 +72,7 @@ def collect_rows(run_dirs: list[str | Path], baseline_loss: str = "sft") -> list
 
 def _run_row(run: Path) -> dict | None:
     from halos.eval.models import parameter_count
+    from halos.plan.measured import run_cost
 
     eval_dir = run / "eval"
     if not eval_dir.is_dir():
@@ -78,6 +83,7 @@ def _run_row(run: Path) -> dict | None:
         return None
     row: dict = {"model": run.parent.parent.name, "dataset": run.parent.name, "loss": run.name,
                  "size": parameter_count(run / "model") if (run / "model").is_dir() else None}
+    row.update(run_cost(run))  # measured cost (benchmark TSVs) beside the plan's
     if primary is not None:
         row.update(_judge_columns(_read_json(primary)))
     for name, path in extra.items():
@@ -129,10 +135,13 @@ def _holm(rows: list[dict], baseline_loss: str) -> None:
 
 
 def columns(rows: list[dict]) -> list[str]:
-    extra = sorted({k for r in rows for k in r if k not in BASE_COLUMNS and not k.startswith("_")
+    from halos.plan.measured import COST_COLUMNS
+
+    known = BASE_COLUMNS + COST_COLUMNS
+    extra = sorted({k for r in rows for k in r if k not in known and not k.startswith("_")
                     and "/" not in k})
     lm = sorted({k for r in rows for k in r if "/" in k})
-    return BASE_COLUMNS + extra + lm
+    return known + extra + lm
 
 
 def _csv_value(value) -> str:
@@ -220,6 +229,13 @@ def markdown(rows: list[dict], baseline_loss: str, plots: list[Path], out: Path)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def cost_section(rows: list[dict], run_dirs: list[str | Path]) -> list[str]:
+    """Measured cost per run and for the suite, beside the plan (halos/plan/measured.py)."""
+    from halos.plan.measured import cost_markdown, plan_file, read_plan
+
+    return cost_markdown(rows, read_plan(plan_file(Path(run_dirs[0])))) if run_dirs else []
+
+
 def check_wins(rows: list[dict], losses: list[str], baseline_loss: str) -> None:
     """ValueError unless every judged row of each loss in `losses` beats the baseline with a
     90% interval above 0.5 (and each such loss has at least one judged row)."""
@@ -242,20 +258,28 @@ def report(run_dirs: list[str | Path], out: str | Path, baseline_loss: str = "sf
            plots_dir: str | Path | None = None, require_win: list[str] | None = None) -> dict:
     """The leaderboard of exactly these run folders (one suite's runs)."""
     from halos.eval.plots import make_plots
+    from halos.eval.progress import is_unfinished, markdown_section, unfinished_runs
+    from halos.eval.report_page import markdown_to_rst
     from halos.files import atomic_file
 
     out = Path(out)
     if out.suffix != ".md":
         raise ValueError(f"--out {str(out)!r}: expected a .md file (the .csv is written beside it)")
-    rows = collect_rows(run_dirs, baseline_loss)
+    unfinished = unfinished_runs(run_dirs)  # still training: listed apart, with their last step
+    rows = collect_rows([r for r in run_dirs if not is_unfinished(Path(r))], baseline_loss)
     if not rows:
         raise ValueError(f"no results: none of the {len(run_dirs)} run folders has an eval/ "
                          f"folder with preference.json, judge*.json or lm_eval.json")
     plots_dir = Path(plots_dir) if plots_dir else out.parent / "plots"
     plots = make_plots(rows, plots_dir, baseline_loss)
     write_csv(rows, out.with_suffix(".csv"))
+    text = (markdown(rows, baseline_loss, plots, out)
+            + "".join(line + "\n" for line in markdown_section(unfinished))
+            + "".join(line + "\n" for line in cost_section(rows, run_dirs)))
     with atomic_file(out) as handle:
-        handle.write(markdown(rows, baseline_loss, plots, out))
+        handle.write(text)
+    with atomic_file(out.with_suffix(".rst")) as handle:  # the HTML report's page (report.rst)
+        handle.write(markdown_to_rst(text, out.parent))
     if require_win:
         check_wins(rows, require_win, baseline_loss)
     return {"rows": len(rows), "markdown": str(out), "csv": str(out.with_suffix(".csv")),

@@ -15,7 +15,13 @@ class ConditionalSFTLoss(AlignmentLoss):
     Every completion, desirable or not, is trained with the SFT token-mean NLL, conditioned on a
     control token appended to its prompt: `<|good|>` for desirable ones, `<|bad|>` otherwise. The
     trainer adds both tokens to the tokenizer; at sampling time `<|good|>` is appended to the prompt.
-    (HALOs instead starts the completion with the token, so the token is in its loss too.)
+
+    Placement, a deliberate difference from HALOs: the token ends the prompt, so it is masked
+    (conditioned on, never predicted), as in Korbak et al.'s conditional training, and a prompt
+    at sampling time ends exactly as in training. HALOs instead starts the completion with the
+    token, so its loss also trains the model to emit it and its sampler forces it as the first
+    response token; the trained distribution after the token is the same in both, the token's
+    own log-prob is not.
 
     Reference implementation: HALOs' `ConditionalSFTDataLoader` with `SFTTrainer`,
     https://github.com/ContextualAI/HALOs/blob/4831988636b4cbc1c30c0bce78df568cf0f8103b/train/dataloader.py#L345-L448

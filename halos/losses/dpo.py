@@ -19,7 +19,11 @@ class DPOLoss(AlignmentLoss):
 
     Eq. 7: L = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))]),
     with summed log-probs. `rpo_alpha` adds α × the length-normalised NLL of the chosen response
-    (Pang et al., 2024, https://arxiv.org/abs/2404.19733, Eq. 4; TRL's `rpo_alpha`); off by default.
+    (Pang et al., 2024, https://arxiv.org/abs/2404.19733, Eq. 4); off by default. That is the
+    `rpo_alpha` of the TRL commit linked below; TRL 1.16 removed the option: there the same
+    objective is `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, α]`, whose SFT term is
+    the token mean over the batch's chosen responses (here: the mean over pairs of each chosen
+    response's own token mean; the two agree when the responses have equal lengths).
 
     Reference implementation: TRL's `dpo_loss`, loss_type="sigmoid" (`rpo_alpha`: L1815-L1816),
     https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/trainer/dpo_trainer.py#L1130-L1156
@@ -57,7 +61,10 @@ class ConservativeDPOLoss(DPOLoss):
     IPO", https://ericmitchell.ai/cdpo.pdf): DPO with preference labels flipped w.p. ε.
 
     L = -(1 - ε) log σ(β h) - ε log σ(-β h), h the DPO log-ratio margin (Rafailov et al., Eq. 7).
-    This is TRL's `label_smoothing` for loss_type="sigmoid" and HALOs' cDPO (ε = 0.2 there too).
+    This is HALOs' cDPO (ε = 0.2 there too) and loss_type="sigmoid" with `label_smoothing` ε in
+    the TRL commit linked below. TRL 1.16's "sigmoid" ignores `label_smoothing`, and none of its
+    loss types equals cDPO: "robust" is the de-biased rDPO (`robust` here), "aot" smooths the
+    same way but pairs sorted margins, "exo_pair" is a KL to the smoothed labels.
 
     Reference implementation: TRL's `dpo_loss`, loss_type="sigmoid" with `label_smoothing`,
     https://github.com/huggingface/trl/blob/a68fb896f008f58a3d37abf11ae665357b7c679a/trl/trainer/dpo_trainer.py#L1149-L1156

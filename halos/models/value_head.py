@@ -21,7 +21,7 @@ from torch import nn
 
 from halos.files import atomic_file
 from halos.models import VALUE_HEAD_FILE
-from halos.train.logps import backbone_hidden, token_logps_from_hidden
+from halos.train.logps import backbone_hidden, output_head, token_logps_from_hidden
 
 WEIGHT_KEY, BIAS_KEY = "v_head.summary.weight", "v_head.summary.bias"
 
@@ -138,7 +138,7 @@ class PolicyValueModel(ValueHeadModel):
         """(log-probs, mask, values), each (N, T-1); log-probs and values are float32."""
         hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
         logps, mask = token_logps_from_hidden(hidden, input_ids, loss_mask,
-                                              self.model.get_output_embeddings(), self.chunk_size)
+                                              output_head(self.model), self.chunk_size)
         return logps, mask, self._grid_values(hidden)
 
 

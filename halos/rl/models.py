@@ -14,7 +14,13 @@ from halos.config import ConfigError
 from halos.models import VALUE_HEAD_FILE
 from halos.models.value_head import ValueHeadModel, load_value_head
 from halos.train import engine as eng
-from halos.train.logps import CausalLMLogps, backbone_hidden, chunk_starts, token_logps_from_hidden
+from halos.train.logps import (
+    CausalLMLogps,
+    backbone_hidden,
+    chunk_starts,
+    output_head,
+    token_logps_from_hidden,
+)
 
 
 class _Tempered(nn.Module):
@@ -41,7 +47,7 @@ class SampledTokenLogps(CausalLMLogps):
                 loss_mask: torch.Tensor, with_entropy: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
-        head = self.model.get_output_embeddings()
+        head = output_head(self.model)
         if self.temperature != 1.0:
             head = _Tempered(head, self.temperature)
         grid, scored = token_logps_from_hidden(hidden, input_ids, loss_mask, head, self.chunk_size)

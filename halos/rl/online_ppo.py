@@ -29,6 +29,7 @@ import torch
 
 from halos.config import ONLINE_PPO, PPO_MODEL_OPTIONS, PPOConfig, ppo_hyperparameters
 from halos.models.generation import SEED_STRIDE, generate_ids
+from halos.plan.peak import peak_memory
 from halos.rl import ppo_math as rl
 from halos.rl.models import PolicyAndValue, SampledTokenLogps, frozen, load_lm, load_value_model
 from halos.rl.rollout import (
@@ -47,7 +48,15 @@ from halos.train.batching import collate
 from halos.train.checkpoints import consolidated_state_dict, export_hf_folder, save_checkpoint
 from halos.train.loop import run_fingerprint as training_fingerprint
 from halos.train.metrics import MetricsLogger, reduce_mean, reduce_sum
-from halos.train.session import Session, check_fits, finish_run, open_logger, resume, start_run
+from halos.train.session import (
+    Session,
+    check_fits,
+    check_space,
+    finish_run,
+    open_logger,
+    resume,
+    start_run,
+)
 
 VALUE_MODEL, SAMPLES_FILE = "value_model", "samples.jsonl"
 # Logging only: changing it does not make a checkpoint belong to another run.
@@ -72,7 +81,10 @@ class OnlinePPO:
 
     # ------------------------------------------------------------------ loop
     def fit(self, prompts: Prompts, held_out: Prompts | None) -> dict[str, float]:
-        start, began = self.resume(), time.time()
+        state, began = self.resume(), time.time()
+        start = int(state["step"])
+        if start == self.schedule.iterations and "final_eval" in state:
+            return state["final_eval"]  # trained: only the export is left
         final: dict[str, float] = {}
         if held_out is not None and start == 0:
             final = self.log_samples(0, held_out)
@@ -87,9 +99,14 @@ class OnlinePPO:
             if held_out is not None and (done % self.schedule.sample_every == 0 or last):
                 final = self.log_samples(done, held_out)
             if self.cfg.save_every and done % self.cfg.save_every == 0 and not last:
-                save_checkpoint(self.engine, self.session.checkpoints, done,
-                                {"step": done, "fingerprint": self.fingerprint})
+                self.save(done)
+        self.save(self.schedule.iterations, final_eval=final)  # a failed export only re-saves
         return final
+
+    def save(self, done: int, **extra) -> None:
+        save_checkpoint(self.engine, self.session.checkpoints, done,
+                        {"step": done, "fingerprint": self.fingerprint, **extra},
+                        keep_old=self.cfg.keep_checkpoints)
 
     def iteration(self, iteration: int, prompts: Prompts) -> dict[str, float]:
         indices = rollout_prompts(self.schedule, len(prompts.ids), iteration, self.rank,
@@ -220,20 +237,21 @@ class OnlinePPO:
         return metrics
 
     # ------------------------------------------------------------------ checkpoints, export
-    def resume(self) -> int:
-        step = resume(self.engine, self.session, self.fingerprint, self.logger, "iteration")
+    def resume(self) -> dict:
+        state = resume(self.engine, self.session, self.fingerprint, self.logger, "iteration")
+        step = int(state["step"])
         if step and self.rank == 0:  # samples of iterations after the checkpoint are sampled again
             _keep_rows(self.out / SAMPLES_FILE, lambda row: row["step"] <= step)
-        return step
+        return state
 
     def export(self, summary: dict) -> None:
         """The policy as a causal-LM folder (`model/`), the value model beside it with its head."""
         state = consolidated_state_dict(self.engine, self.ds)
         module, extra = self.engine.module, {"halos_training.json": summary}
         export_hf_folder(module.value, _substate(state, "value."), self.tokenizer,
-                         self.out / VALUE_MODEL, extra)
+                         self.out / VALUE_MODEL, extra, self.session.checkpoints)
         export_hf_folder(module.policy, _substate(state, "policy."), self.tokenizer,
-                         self.out / MODEL_DIR, extra)
+                         self.out / MODEL_DIR, extra, self.session.checkpoints)
 
 
 def _substate(state: dict[str, torch.Tensor] | None, prefix: str) -> dict | None:
@@ -263,6 +281,7 @@ def ppo(cfg: PPOConfig) -> Path:
     ds = session.ds
     policy_lm, tokenizer = eng.load_causal_lm(cfg.model, ds)
     check_fits(policy_lm, cfg)
+    check_space(policy_lm, session.out, session.rank)
     check_fits(policy_lm, cfg, cfg.max_prompt_length + cfg.response_length,
                f"--max-prompt-length {cfg.max_prompt_length} + --response-length "
                f"{cfg.response_length}")
@@ -286,6 +305,6 @@ def ppo(cfg: PPOConfig) -> Path:
 
     runner.export({"config": cfg.to_dict(), "loss": ONLINE_PPO, "steps": schedule.iterations,
                    "episodes": schedule.iterations * schedule.batch, "world_size": session.world,
-                   "final_eval": final_eval})
+                   "final_eval": final_eval, "peak_memory": peak_memory()})
     finish_run(cfg, session, logger)
     return session.final

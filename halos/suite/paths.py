@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 SFT = "sft"  # the loss row (and class) that is the SFT stage
 MODEL_DIR = "model"  # a training job's final Hugging Face folder, inside its run folder
+METRICS_FILE = "metrics.jsonl"  # a training job's metrics, one JSON line per logged step
 EVAL_DIR = "eval"
 REFERENCE_FILES = {False: "ref_logps.pt", True: "ref_logps_base.pt"}  # keyed by `base`
 M, D, L = "{model}", "{dataset}", "{loss}"

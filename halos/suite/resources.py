@@ -1,5 +1,6 @@
 """Each job's resources (Slurm and local): memory, wall time, nodes, GPUs, CPUs, from its model's
-row of the models table. Rules declare `resources: **resources("train")` (rules/common.smk)."""
+row of the models table. Rules declare `resources: **resources("train")` (rules/common.smk).
+A row without `runtime` / `mem_mb` gets them from the plan (halos/plan/slurm.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,21 @@ def resources(suite: Suite | None, model: str | None, stage: str) -> dict[str, A
     if nodes > 1 and row["gpus"]:
         extra.append("--ntasks-per-node=1")
     gpu = f"gpu:{row['gpu_model']}:{row['gpus']}" if row.get("gpu_model") else f"gpu:{row['gpus']}"
-    return {"mem_mb": row["mem_mb"], "runtime": row["runtime"] if train else row["eval_runtime"],
+    planned = _from_plan(suite, model, row)
+    return {"mem_mb": planned["mem_mb"],
+            "runtime": planned["runtime"] if train else row["eval_runtime"],
             "nodes": nodes, "gres": gpu if row["gpus"] else "",
             "cpus_per_task": threads(suite, model), "tasks": None if row["gpus"] else nodes,
             "slurm_extra": " ".join(e for e in extra if e)}
+
+
+def _from_plan(suite: Suite, model: str, row: dict) -> dict[str, int]:
+    """The row's runtime and mem_mb, or the plan's (halos/plan/slurm.py: planned hours and
+    DeepSpeed's CPU estimate times a stated safety factor) for a column left unset."""
+    values = {"runtime": row.get("runtime"), "mem_mb": row.get("mem_mb")}
+    if None in values.values():
+        from halos.plan.slurm import planned_resources  # imports DeepSpeed's estimators
+
+        planned = planned_resources(suite, model)
+        values = {k: planned[k] if v is None else v for k, v in values.items()}
+    return values

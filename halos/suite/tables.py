@@ -18,16 +18,17 @@ PPO hyperparameters. Its model is evaluated like every other policy.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from halos.config import ONLINE_PPO
-from halos.data.loaders import LOADERS
+from halos.config import ONLINE_PPO, ConfigError, PPOConfig, TrainConfig, checked_options
+from halos.data.errors import DataError
+from halos.data.loaders import LOADERS, checked_loader_options
+from halos.files import read_yaml
 from halos.suite.paths import SFT, Layout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -236,12 +237,13 @@ def _matches(run: Run, rule: dict) -> bool:
 
 
 def _read_yaml(path: Path, what: str) -> Any:
+    """A table, suite or schema file; errors read "<what> <path>:<line>: duplicate key 'x'"."""
     if not path.is_file():
         raise SuiteError(f"{what} {path}: no such file")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SuiteError(f"{what} {path}: not valid YAML: {err}") from err
+        return read_yaml(path)
+    except ValueError as err:
+        raise SuiteError(f"{what} {err}") from err
 
 
 def _schema_path(kind: str) -> Path:
@@ -249,7 +251,12 @@ def _schema_path(kind: str) -> Path:
 
 
 def _schema(kind: str) -> dict:
-    return yaml.safe_load(_schema_path(kind).read_text())
+    return _read_schema(_schema_path(kind))
+
+
+@functools.cache
+def _read_schema(path: Path) -> dict:
+    return _read_yaml(path, "schema")
 
 
 def _validated(data: Any, kind: str, where: str) -> dict:
@@ -260,6 +267,7 @@ def _validated(data: Any, kind: str, where: str) -> dict:
 
     if not isinstance(data, dict):
         raise SuiteError(f"{where}: expected a mapping, got {type(data).__name__}")
+    _schema(kind)  # snakemake reads the file itself: first make sure it has no duplicate key
     try:
         validate(data, str(_schema_path(kind)))
     except WorkflowError as err:
@@ -299,6 +307,8 @@ def _check_losses(losses: dict[str, dict], path: Path, pending: set[str]) -> Non
             valid = ", ".join(f"{k}={v}" for k, v in known.items()) or "none"
             raise SuiteError(f"{where}: class {cls!r} has no hyperparameter(s) {unknown}; "
                              f"valid: {valid}")
+        if cls == ONLINE_PPO_CLASS:
+            _typed_options(row["params"], PPOConfig, f"{where}: params: ")
         if (cls == SFT) != (name == SFT):
             raise SuiteError(f"{where}: the SFT stage is the row named {SFT!r} with class {SFT!r}; "
                              f"class {cls!r} cannot be row {name!r}")
@@ -349,6 +359,11 @@ def _check_datasets(datasets: dict[str, dict], path: Path) -> None:
         elif row["loader"] not in LOADERS:
             raise SuiteError(f"{where}: loader {row['loader']!r} is not registered; choose from "
                              f"{sorted(LOADERS)} (halos/data/loaders.py)")
+        else:
+            try:
+                checked_loader_options(row["loader"], row.get("options", {}))
+            except DataError as err:
+                raise SuiteError(f"{where}: {err}") from err
         if row["max_prompt_length"] >= row["max_length"]:
             raise SuiteError(f"{where}: max_prompt_length ({row['max_prompt_length']}) must be "
                              f"smaller than max_length ({row['max_length']})")
@@ -366,10 +381,16 @@ def _check_models(models: dict[str, dict], path: Path, datasets: dict[str, dict]
         _check_train_options(row["train"], where)
 
 
+def _typed_options(options: dict, config: type[TrainConfig], label: str) -> None:
+    """Each value of the declared type and range of its `halos` option (halos/config.py)."""
+    try:
+        checked_options(options, config, label)
+    except ConfigError as err:
+        raise SuiteError(str(err)) from err
+
+
 def _check_train_options(options: dict, where: str) -> None:
     import dataclasses
-
-    from halos.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in options:
@@ -383,6 +404,7 @@ def _check_train_options(options: dict, where: str) -> None:
         if key in DAG_OPTIONS:
             raise SuiteError(f"{where}: {key!r} is set by the DAG or by a table column; "
                              f"use the column instead of train:")
+    _typed_options(options, TrainConfig, f"{where}: train option ")
 
 
 def _check_publish(publish: dict, suite_name: str, path: Path) -> None:

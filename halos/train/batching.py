@@ -43,6 +43,18 @@ def kl_partners(n: int, seed: int) -> list[int]:
     return partner.tolist()
 
 
+def kl_completions(examples: list[TokenizedCompletion], partners: list[int],
+                   max_length: int) -> list[list[int]]:
+    """The completion scored with each example's prompt for the KL term (partner j's), cut so
+    that prompt_i + completion_j fits `max_length`, as the tokenizer cuts every sequence.
+
+    Tokenization leaves every prompt at most max_length - 1 tokens, so at least one token of
+    each partner's completion stays.
+    """
+    return [examples[j].completion_ids[: max_length - len(e.prompt_ids)]
+            for e, j in zip(examples, partners, strict=True)]
+
+
 def scored_sequences(examples: list[TokenizedExample], kind: BatchKind,
                      kl_completions: list[list[int]] | None = None
                      ) -> list[tuple[list[int], list[int]]]:

@@ -6,9 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from halos.config import TrainConfig
+from halos.data.errors import ErrorPolicy
 from halos.data.types import TokenizedCompletion, TokenizedExample
 from halos.losses.base import AlignmentLoss, BatchKind
-from halos.train.batching import Batch, example_length, kl_partners, make_batch, scored_sequences
+from halos.train.batching import (
+    Batch,
+    example_length,
+    kl_completions,
+    kl_partners,
+    make_batch,
+    scored_sequences,
+)
 
 
 @dataclass
@@ -45,17 +53,20 @@ class DataView:
         return scored_sequences(self.examples, self.kind, self.kl_completions)
 
 
-def read_split_rows(data: Path, split: str, kind: BatchKind, cfg: TrainConfig) -> list[dict]:
-    """Rows of `split` shaped for `kind`: SFT targets, pairs, or labelled completions."""
+def read_split_rows(data: Path, split: str, kind: BatchKind, cfg: TrainConfig,
+                    policy: ErrorPolicy | None = None) -> list[dict]:
+    """Rows of `split` shaped for `kind`: SFT targets, pairs, or labelled completions. Bad rows
+    raise, or with --on-error skip are counted in `policy`."""
     from halos.data.convert import paired_to_unpaired
     from halos.data.prepare import read_rows, sft_rows
 
+    policy = policy or ErrorPolicy.of(cfg.on_error)
     if kind == "sft" and split == "train":
-        return sft_rows(data)
+        return sft_rows(data, on_error=policy)
     path = data / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; prepare the dataset with `halos data prepare`")
-    rows = read_rows(path, on_error=cfg.on_error)
+    rows = read_rows(path, on_error=policy)
     if not rows:
         if split == "train":
             raise ValueError(f"{path}: the dataset is empty (0 training examples); "
@@ -72,6 +83,15 @@ def read_split_rows(data: Path, split: str, kind: BatchKind, cfg: TrainConfig) -
     return rows
 
 
+def holds_pairs(path: Path, cfg: TrainConfig) -> bool:
+    """Whether a prepared file holds preference pairs (its first valid row has `chosen`); bad
+    rows raise here, or are skipped silently (load_view counts them)."""
+    from halos.data.prepare import read_rows
+
+    rows = read_rows(path, on_error="skip" if cfg.on_error == "skip" else "raise")
+    return bool(rows) and "chosen" in rows[0]
+
+
 def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
               kind: BatchKind | None = None, with_kl: bool | None = None) -> DataView:
     """Tokenize one split of `cfg.data` for `loss` (or for an explicit kind, for ref-logps)."""
@@ -79,25 +99,38 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
 
     kind = kind or loss.batch_kind
     with_kl = loss.needs_kl_pairs if with_kl is None else with_kl
-    rows = read_split_rows(Path(cfg.data), split, kind, cfg)
+    policy = ErrorPolicy.of(cfg.on_error)
+    rows = read_split_rows(Path(cfg.data), split, kind, cfg, policy)
     limit = cfg.max_examples if split == "train" else cfg.eval_examples
     if limit and not with_kl:
         rows = rows[:limit]
     tokenize = tokenize_paired if kind == "paired" else tokenize_unpaired
     examples, report = tokenize(rows, tokenizer, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length,
-                                chat_template=cfg.chat_template or None, on_error=cfg.on_error)
-    print(f"[halos] {cfg.data} {split} ({kind}): {report.summary()}", flush=True)
+                                chat_template=cfg.chat_template or None, on_error=policy)
+    report_skips(f"{cfg.data} {split} ({kind})", len(examples), report.n_truncated, policy)
     examples = _with_prompt_suffix(examples, loss, tokenizer)
-    kl_completions = None
+    partners = None
     if with_kl and examples:
         # Partners come from the whole split, so any prefix of it (a run's --max-examples or
         # --eval-examples) scores the same mismatched pairs as `halos ref-logps` did.
-        partners = kl_partners(len(examples), cfg.seed)
-        kl_completions = [examples[j].completion_ids for j in partners]
+        partners = kl_completions(examples, kl_partners(len(examples), cfg.seed), cfg.max_length)
         if limit:
-            examples, kl_completions = examples[:limit], kl_completions[:limit]
-    return DataView(examples, kind, tokenizer.pad_token_id, kl_completions)
+            examples, partners = examples[:limit], partners[:limit]
+    return DataView(examples, kind, tokenizer.pad_token_id, partners)
+
+
+def report_skips(what: str, kept: int, truncated: int, policy: ErrorPolicy) -> None:
+    """One line of counts ("kept N, dropped M (reason: count)"), then each skipped row (the
+    first few) with its file:line and reason."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(policy.skipped.items()))
+    dropped = f"dropped {policy.n_skipped}" + (f" ({reasons})" if reasons else "")
+    print(f"[halos] {what}: kept {kept}, {dropped}, truncated {truncated}", flush=True)
+    for example in policy.examples:
+        print(f"[halos]   skipped {example}", flush=True)
+    if policy.n_skipped > len(policy.examples):
+        print(f"[halos]   ... {policy.n_skipped - len(policy.examples)} more skipped rows",
+              flush=True)
 
 
 def _with_prompt_suffix(examples: list[TokenizedExample], loss: AlignmentLoss,

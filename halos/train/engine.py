@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from halos.config import ConfigError, TrainConfig, resolve_deepspeed_config
+from halos.config import ConfigError, TrainConfig, resolve_deepspeed_config, resolve_model
 
 
 def use_bf16(precision: str) -> bool:
@@ -50,11 +51,20 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def load_causal_lm(path: str, ds: dict[str, Any], extra_tokens: tuple[str, ...] = ()):
-    """Load a causal LM (and its tokenizer) by hub id or folder; under ZeRO-3 it loads sharded."""
+def load_causal_lm(path: str, ds: dict[str, Any], extra_tokens: tuple[str, ...] = (),
+                   option: str = "--model"):
+    """Load a causal LM (and its tokenizer) by hub id or folder; under ZeRO-3 it loads sharded.
+    `path` is resolved first (`halos.config.resolve_model`), so a missing folder or a folder that
+    is no model is a one-line error naming `option`, never a Hub lookup."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    is_folder = Path(resolve_model(path, option)).expanduser().is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if is_folder:
+            raise
+        raise ConfigError(f"{option} {path!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     added = tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)},

@@ -6,6 +6,11 @@ and apply the LM head to those alone, in chunks of `chunk_size` rows. Each chunk
 activation checkpointing: only its (chunk, V) logits exist at any moment, in the forward and in
 the recomputation during backward. On a CPU the vocabulary softmax dominates the cost of a step,
 so skipping prompt and padding positions is the main speed-up, not a detail.
+
+Some architectures change the LM head's output before the softmax (Gemma-2's final logit
+softcapping, Cohere's `logit_scale`, Granite's `logits_scaling`); `output_head` applies exactly
+what the model's own forward applies, and refuses a model whose post-processing it does not know.
+A bias of the LM head (e.g. Phi) is part of the head and needs nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from halos.config import ConfigError
+
+# What a model type's forward does to `lm_head(hidden)`: multiply by / divide by / softcap with
+# the named config field (see each model's `forward` in transformers).
+_MULTIPLIED = {"cohere": "logit_scale", "cohere2": "logit_scale",
+               "falcon_h1": "lm_head_multiplier"}
+_DIVIDED = {t: "logits_scaling" for t in ("granite", "granitemoe", "granitemoeshared",
+                                          "granitemoehybrid")}
+_SOFTCAPPED = {t: "final_logit_softcapping" for t in ("gemma2", "gemma3", "gemma3_text")}
+# Config fields that mean post-processed logits in some architecture; on another model type they
+# are refused rather than guessed (the same name multiplies in one model and divides in another).
+_POSTPROCESSING_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                          "lm_head_multiplier", "output_multiplier")
 
 
 @dataclass
@@ -39,6 +58,51 @@ def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) 
     logits = _at_least_fp32(head(hidden))  # (chunk, V)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+class LogitHead(nn.Module):
+    """The LM head followed by the model's own logit post-processing: logits × `scale`, then
+    `softcap` · tanh(logits / `softcap`), in at least fp32."""
+
+    def __init__(self, head: nn.Module, scale: float = 1.0, softcap: float | None = None):
+        super().__init__()
+        self.head, self.scale, self.softcap = head, scale, softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = _at_least_fp32(self.head(hidden))
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_postprocessing(config) -> tuple[float, float | None]:
+    """(scale, softcap) that the forward of `config`'s architecture applies to its LM head's
+    output; a post-processing field on an architecture not listed above is an error."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = getattr(config, "model_type", "")
+    if kind in _MULTIPLIED:
+        return float(getattr(config, _MULTIPLIED[kind])), None
+    if kind in _DIVIDED:
+        return 1.0 / float(getattr(config, _DIVIDED[kind])), None
+    if kind in _SOFTCAPPED:
+        return 1.0, getattr(config, _SOFTCAPPED[kind], None)
+    for name in _POSTPROCESSING_FIELDS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ConfigError(
+                f"model type {kind!r} sets {name} = {getattr(config, name)!r}, a logit "
+                f"post-processing the log-prob kernel (halos/train/logps.py) does not know how "
+                f"this architecture applies; supported: "
+                f"{', '.join(sorted({*_MULTIPLIED, *_DIVIDED, *_SOFTCAPPED}))}")
+    return 1.0, None
+
+
+def output_head(causal_lm: nn.Module) -> nn.Module:
+    """`causal_lm`'s LM head, wrapped in its logit post-processing when it has one."""
+    head = causal_lm.get_output_embeddings()
+    scale, softcap = logit_postprocessing(causal_lm.config)
+    return head if scale == 1.0 and not softcap else LogitHead(head, scale, softcap)
 
 
 def chunk_starts(rows: int, chunk_size: int, head: nn.Module) -> range:
@@ -136,12 +200,13 @@ class CausalLMLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.token_level = token_level
+        logit_postprocessing(model.config)  # refuse an unknown one before any work
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums (N,), token counts (N,)), or with `token_level` (grid (N, T-1), mask (N, T-1))."""
         hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
-        args = (hidden, input_ids, loss_mask, self.model.get_output_embeddings(), self.chunk_size)
+        args = (hidden, input_ids, loss_mask, output_head(self.model), self.chunk_size)
         if self.token_level:
             return token_logps_from_hidden(*args)
         out = sequence_logps_from_hidden(*args)

@@ -46,7 +46,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
-        start = resume(self.engine, self.session, self.fingerprint, self.logger)
+        """Train (from the latest checkpoint), evaluate, and save the final step's checkpoint
+        before the caller exports: a run whose export failed resumes there and only saves."""
+        state = resume(self.engine, self.session, self.fingerprint, self.logger)
+        start = int(state["step"])
+        if start == len(self.plan) and "final_eval" in state:
+            return state["final_eval"]
         last: dict[str, float] = {}
         for step in range(start, len(self.plan)):
             last = self._train_step(step)
@@ -57,11 +62,16 @@ class Trainer:
             if self.cfg.eval_every and done % self.cfg.eval_every == 0 and done < len(self.plan):
                 self.logger.log(done, self.evaluate(), split="eval")
             if self.cfg.save_every and done % self.cfg.save_every == 0 and done < len(self.plan):
-                save_checkpoint(self.engine, self.session.checkpoints, done,
-                                {"step": done, "fingerprint": self.fingerprint})
+                self.save(done)
         final_eval = self.evaluate()
         self.logger.log(len(self.plan), final_eval, split="eval")
+        self.save(len(self.plan), final_eval=final_eval)
         return final_eval
+
+    def save(self, done: int, **extra) -> None:
+        save_checkpoint(self.engine, self.session.checkpoints, done,
+                        {"step": done, "fingerprint": self.fingerprint, **extra},
+                        keep_old=self.cfg.keep_checkpoints)
 
     def _train_step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()

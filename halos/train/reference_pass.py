@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -15,24 +14,28 @@ import torch.distributed as dist
 from halos.config import ConfigError, TrainConfig
 from halos.train import engine as eng
 from halos.train.batching import collate
-from halos.train.dataview import load_view
+from halos.train.dataview import holds_pairs, load_view
 from halos.train.distributed import barrier, init_distributed
 from halos.train.logps import CausalLMLogps
+from halos.train.metrics import ProgressLines
+from halos.train.outdir import free_bytes, free_mb, raise_on_any_rank, write_failure
 from halos.train.reference import model_identity, write_reference_file
-from halos.train.session import check_fits
+from halos.train.session import check_fits, claim_output
 
 
 def reference_logps(cfg: TrainConfig) -> Path:
     """Score every sequence any loss may need on `cfg.data` with the reference model, once."""
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to recompute")
+    _refuse_existing(out, cfg)
     rank, world = init_distributed()
+    lock = claim_output(out, rank, is_file=True)  # before any scoring: writable, not in use
+    _refuse_existing(out, cfg)
     ds = eng.deepspeed_config(cfg)
     model, tokenizer = eng.load_causal_lm(cfg.model, ds)
     check_fits(model, cfg)
     sequences = _all_reference_sequences(cfg, tokenizer)
+    raise_on_any_rank(_no_room(out, sequences) if rank == 0 else None)
     engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,
                               None)
 
@@ -42,6 +45,7 @@ def reference_logps(cfg: TrainConfig) -> Path:
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
     rounds = -(-len(chunks) // world)
     results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    lines = ProgressLines("ref-logps", rounds, cfg.progress_every) if rank == 0 else None
     with torch.no_grad():
         for r in range(rounds):
             i = r * world + rank
@@ -54,15 +58,43 @@ def reference_logps(cfg: TrainConfig) -> Path:
                 grid, mask = grid.float().cpu(), mask.cpu()
                 # The flat per-token log-probs are row after row, each row's in order.
                 results.append((batch.keys, grid.sum(-1), mask.sum(-1), grid[mask]))
+            if lines is not None:  # the job's log: a line every --progress-every seconds
+                lines.update(r + 1, {})
     gathered = [results] if world == 1 else _gather(results, world)
-    if rank == 0:
-        keys, sums, counts, token_logps = _merge(gathered)
-        write_reference_file(out, keys, sums, counts, model=cfg.model,
-                             identity=model_identity(cfg.model), data_fingerprint=_fingerprint(keys),
-                             token_logps=token_logps)
-        print(f"[halos] wrote reference log-probs of {len(keys)} sequences to {out}", flush=True)
+    raise_on_any_rank(_write(out, cfg, gathered) if rank == 0 else None)
     barrier()
+    if lock is not None:
+        lock.release()
     return out
+
+
+def _no_room(out: Path, sequences: list[tuple[list[int], list[int]]]) -> str | None:
+    """Why the file cannot fit where it goes (None if it can): checked before any scoring. Per
+    sequence a key, sum, count and offset; per scored token a float32."""
+    need = 24 * len(sequences) + 4 * sum(len(response) for _, response in sequences) + (1 << 16)
+    if free_bytes(out.parent) >= need:
+        return None
+    return (f"--out {out}: {free_bytes(out.parent) >> 10} KB free there, the reference log-probs "
+            f"of {len(sequences)} sequences need about {need >> 10} KB; free space or choose "
+            f"another --out")
+
+
+def _refuse_existing(out: Path, cfg: TrainConfig) -> None:
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to recompute")
+
+
+def _write(out: Path, cfg: TrainConfig, gathered: list) -> str | None:
+    """Write the file from every rank's results (rank 0); why it could not, or None."""
+    keys, sums, counts, token_logps = _merge(gathered)
+    error = write_failure(lambda: write_reference_file(
+        out, keys, sums, counts, model=cfg.model, identity=model_identity(cfg.model),
+        data_fingerprint=_fingerprint(keys), token_logps=token_logps), out.parent)
+    if error is not None:
+        return (f"could not write {out} ({error}; {free_mb(out.parent)} MB free there); "
+                f"nothing was written: free space and rerun the same command")
+    print(f"[halos] wrote reference log-probs of {len(keys)} sequences to {out}", flush=True)
+    return None
 
 
 def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -72,9 +104,9 @@ def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int
     probe = get_loss_class("sft")()  # only for prompt suffixes (none) when building views
     cfg = dataclasses.replace(cfg, eval_examples=0)  # every held-out row: runs may use any prefix
     unique: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}
-    first = json.loads((Path(cfg.data) / "train.jsonl").open().readline() or "{}")
+    paired = holds_pairs(Path(cfg.data) / "train.jsonl", cfg)
     views = _choices(cfg.ref_views, {"paired", "unpaired"}, "--ref-views")
-    kinds = [k for k in ("paired", "unpaired") if k in views and ("chosen" in first or k != "paired")]
+    kinds = [k for k in ("paired", "unpaired") if k in views and (paired or k != "paired")]
     for split in _choices(cfg.ref_splits, {"train", "test"}, "--ref-splits"):
         if not (Path(cfg.data) / f"{split}.jsonl").is_file():
             continue

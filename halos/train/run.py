@@ -13,6 +13,7 @@ import torch
 from halos.config import ConfigError, TrainConfig
 from halos.losses import build_loss
 from halos.losses.base import AlignmentLoss
+from halos.plan.peak import peak_memory
 from halos.train import engine as eng
 from halos.train.batching import collate, plan_steps
 from halos.train.checkpoints import consolidated_state_dict, export_hf_folder
@@ -20,7 +21,7 @@ from halos.train.dataview import DataView, load_view
 from halos.train.logps import CausalLMLogps
 from halos.train.loop import Trainer
 from halos.train.reference import ReferenceLogps
-from halos.train.session import check_fits, finish_run, open_logger, start_run
+from halos.train.session import check_fits, check_space, finish_run, open_logger, start_run
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -29,6 +30,7 @@ def train(cfg: TrainConfig) -> Path:
     session = start_run(cfg)
     model, tokenizer = eng.load_causal_lm(cfg.model, session.ds, loss.extra_special_tokens)
     check_fits(model, cfg)
+    check_space(model, session.out, session.rank)
     train_data = load_view(cfg, loss, tokenizer, "train")
     held_out = load_view(cfg, loss, tokenizer, "test") if cfg.eval_examples else None
     reference = open_reference(cfg, loss, [train_data, held_out])
@@ -45,8 +47,10 @@ def train(cfg: TrainConfig) -> Path:
 
     state = consolidated_state_dict(engine, session.ds)
     summary = {"config": cfg.to_dict(), "loss": loss.name, "steps": len(plan),
-               "world_size": session.world, "final_eval": final_eval}
-    export_hf_folder(module, state, tokenizer, session.final, {"halos_training.json": summary})
+               "world_size": session.world, "final_eval": final_eval,
+               "peak_memory": peak_memory()}
+    export_hf_folder(module, state, tokenizer, session.final, {"halos_training.json": summary},
+                     session.checkpoints)
     finish_run(cfg, session, logger)
     return session.final
 
