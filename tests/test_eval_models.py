@@ -230,3 +230,19 @@ def test_shipped_task_data_is_what_the_script_makes() -> None:
     trained = {operands(r["prompt"]) for r in build(seed=0, n_train=500, n_test=0, n_sft=0,
                                                     n_prompts=0)["train"]}
     assert not facts & trained  # held-out facts only
+
+
+def test_eval_jobs_print_progress_lines(tiny_model: Path, small_data: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """A DAG job's log shows where sampling and the preference eval are (first and last batch)."""
+    sample(tiny_model, small_data / "prompts.jsonl", tmp_path / "s.jsonl", "--n", "6",
+           "--batch-size", "2")
+    printed = capsys.readouterr().out
+    assert "[halos] sample step 1/3 (33%)" in printed and "sample step 3/3 (100%)" in printed
+    assert "peak RSS" in printed
+    assert main_eval(["preference", "--model", str(tiny_model), "--data", str(small_data),
+                      "--examples", "4", "--batch-size", "2",
+                      "--out", str(tmp_path / "p.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "[halos] eval preference step 1/2 (50%)" in printed
+    assert "eval preference step 2/2 (100%)" in printed

@@ -280,6 +280,9 @@ def cost_vs_plan(rows: list[dict], path: Path) -> Path | None:
            xlabel="planned training time (s, halos plan)",
            ylabel="measured training time (s, benchmark TSV)")
     ax.set_title("Training cost: measured vs planned")
+    for axis in (ax.xaxis, ax.yaxis):  # log-axis minor labels overlap on a narrow range
+        axis.set_minor_formatter(_plt().NullFormatter())
+        axis.set_major_formatter(_plt().FuncFormatter(lambda v, _: f"{v:g}"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -127,9 +127,13 @@ def _summed_scores(scorer, view, batch_size: int, reference) -> tuple[list[float
     reference lists stay empty without a reference."""
     import torch
 
+    from halos.train.metrics import PROGRESS_EVERY_S, ProgressLines
+
     chosen, rejected, ref_chosen, ref_rejected = [], [], [], []
+    starts = range(0, len(view), batch_size)
+    lines = ProgressLines("eval preference", len(starts), PROGRESS_EVERY_S)
     with torch.no_grad():
-        for start in range(0, len(view), batch_size):
+        for done, start in enumerate(starts, 1):
             batch = view.batch(list(range(start, min(start + batch_size, len(view)))))
             sums, _ = scorer(batch.input_ids, batch.attention_mask, batch.loss_mask)
             b = batch.size  # a batch holds its b chosen sequences, then their b rejected ones
@@ -139,6 +143,7 @@ def _summed_scores(scorer, view, batch_size: int, reference) -> tuple[list[float
                 ref_sums, _ = reference.lookup(batch.keys)
                 ref_chosen += ref_sums[:b].double().tolist()
                 ref_rejected += ref_sums[b:].double().tolist()
+            lines.update(done, {})
     return chosen, rejected, ref_chosen, ref_rejected
 
 

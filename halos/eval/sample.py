@@ -59,6 +59,7 @@ def sample(model_dir: str | Path, prompts_path: str | Path, out: str | Path, *, 
            temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
            batch_size: int = 32) -> int:
     from halos.files import write_jsonl
+    from halos.train.metrics import PROGRESS_EVERY_S, ProgressLines
 
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
@@ -73,9 +74,10 @@ def sample(model_dir: str | Path, prompts_path: str | Path, out: str | Path, *, 
     info = minfo.training_info(folder)
     model, tokenizer, device = load_causal_lm(folder)
     ids = encode_prompts([r["prompt"] for r in rows], tokenizer, prompt_format(info))
+    lines = ProgressLines("sample", -(-len(ids) // batch_size), PROGRESS_EVERY_S)
     completions = generate(model, tokenizer, ids, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                           device=device)
+                           device=device, on_batch=lambda done, _: lines.update(done, {}))
     records = []
     for row, completion in zip(rows, completions, strict=True):
         extra = {k: v for k, v in row.items() if k not in RESERVED}

@@ -9,6 +9,7 @@ completions (temperature samples also depend on the batch size; greedy decoding 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SEED_STRIDE = 1_000_003  # batch b samples under torch.manual_seed(seed * SEED_STRIDE + b)
@@ -67,9 +68,11 @@ def generate_ids(model, prompt_ids: list[list[int]], *, eos: int, pad: int, max_
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, temperature: float, top_p: float,
-             max_new_tokens: int, seed: int, batch_size: int, device) -> list[str]:
+             max_new_tokens: int, seed: int, batch_size: int, device,
+             on_batch: Callable[[int, int], None] | None = None) -> list[str]:
     """Left-padded batched generation; returns the decoded completions (special tokens and
-    surrounding whitespace removed, cut at the first EOS)."""
+    surrounding whitespace removed, cut at the first EOS). `on_batch(done, total)` is called
+    after each batch (progress lines)."""
     import torch
 
     eos = tokenizer.eos_token_id
@@ -82,4 +85,6 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, temperature: floa
                                 top_p=top_p, device=device):
             row = row[:-1] if row and row[-1] == eos else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        if on_batch is not None:
+            on_batch(b + 1, -(-len(prompt_ids) // batch_size))
     return out

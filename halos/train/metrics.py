@@ -73,6 +73,9 @@ def memory_text() -> str:
     return text
 
 
+PROGRESS_EVERY_S = 30.0  # eval jobs' progress lines; training jobs take --progress-every
+
+
 class ProgressLines:
     """A line on stdout at the first step, then at most every `every` seconds, and at the last
     step: `[halos] NAME step 12/400 (3%) | loss 0.6931 | tokens/s 1.2e+04 | elapsed 1m02s |
