@@ -220,7 +220,8 @@ def test_second_run_on_a_locked_folder_is_refused_and_a_killed_ones_debris_remov
     assert f"(PID {holder.pid} on {host}" in log and "stale" in log
     assert re.search(r"removed .*/\.model\.\w+\.tmp, left by a run killed", log), log
     assert not list(out.glob(".*.tmp")) and (out / "model" / "model.safetensors").is_file()
-    assert re.search(r"train \(sft\): kept \d+, dropped 2 \(malformed_json: 1, missing_field: 1\)", log), log
+    assert re.search(r"train \(sft\): tokenized \d+: kept \d+, dropped 2 "
+                     r"\(malformed_json: 1, missing_field: 1\)", log), log
     assert "skipped " + str(bad_data / "sft.jsonl") + ":2:" in log
 
 

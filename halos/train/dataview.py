@@ -108,7 +108,8 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
     examples, report = tokenize(rows, tokenizer, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length,
                                 chat_template=cfg.chat_template or None, on_error=policy)
-    report_skips(f"{cfg.data} {split} ({kind})", len(examples), report.n_truncated, policy)
+    report_skips(f"{cfg.data} {split} ({kind})", report.n_in, len(examples), report.n_truncated,
+                 policy)
     examples = _with_prompt_suffix(examples, loss, tokenizer)
     partners = None
     if with_kl and examples:
@@ -120,12 +121,14 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
     return DataView(examples, kind, tokenizer.pad_token_id, partners)
 
 
-def report_skips(what: str, kept: int, truncated: int, policy: ErrorPolicy) -> None:
-    """One line of counts ("kept N, dropped M (reason: count)"), then each skipped row (the
-    first few) with its file:line and reason."""
+def report_skips(what: str, tokenized: int, kept: int, truncated: int,
+                 policy: ErrorPolicy) -> None:
+    """One line of counts ("tokenized N: kept K, dropped M (reason: count), truncated T"), then
+    each skipped row (the first few) with its file:line and reason."""
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(policy.skipped.items()))
     dropped = f"dropped {policy.n_skipped}" + (f" ({reasons})" if reasons else "")
-    print(f"[halos] {what}: kept {kept}, {dropped}, truncated {truncated}", flush=True)
+    print(f"[halos] {what}: tokenized {tokenized}: kept {kept}, {dropped}, truncated {truncated}",
+          flush=True)
     for example in policy.examples:
         print(f"[halos]   skipped {example}", flush=True)
     if policy.n_skipped > len(policy.examples):
