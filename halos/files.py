@@ -92,6 +92,25 @@ def numbered_json_lines(path: Path) -> Iterator[tuple[int, object]]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
 
 
+def keep_json_lines_up_to(path: str | Path, step: int) -> None:
+    """Rewrite a JSON-lines log (metrics.jsonl, samples.jsonl) atomically with only its rows
+    logged at or before `step`, what a checkpoint of `step` has seen; a torn last line of a
+    killed run is dropped. A missing file stays missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    with atomic_file(path) as handle:
+        handle.writelines(kept)
+
+
 def write_json(path: str | Path, obj: object) -> None:
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)

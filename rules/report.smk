@@ -3,8 +3,6 @@
 # The plan (results/{suite}/plan.{md,csv}, `halos plan`) is rewritten first, so the leaderboard's
 # cost section sets each run's measured cost (its jobs' benchmark TSVs) beside the plan's.
 
-from halos.plan.measured import suite_plan
-
 # The report's landing page: the leaderboard and plots (`snakemake --report report.html`).
 report: "report.rst"
 
@@ -17,7 +15,7 @@ rule report:
         csv=report(PATHS.leaderboard("csv"), category="Leaderboard"),
         rst=PATHS.leaderboard("rst"),  # leaderboard.md as RST: the HTML report's page
         plots=report(directory(PATHS.plots), patterns=["{name}.png"], category="Plots"),
-        plan=report(suite_plan(PATHS, "md"), category="Plan"),
+        plan=report(PATHS.plan("md"), category="Plan"),
     log:
         PATHS.log("report", SUITE.name),
     benchmark:

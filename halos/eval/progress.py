@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from halos.suite.paths import METRICS_FILE, MODEL_DIR
+from halos.suite.paths import METRICS_FILE, MODEL_DIR, run_labels
 
 
 def is_unfinished(run: Path) -> bool:
@@ -43,8 +43,7 @@ def unfinished_runs(run_dirs: list[str | Path]) -> list[dict]:
             continue
         last = last_step(run / METRICS_FILE)
         written = (run / METRICS_FILE).stat().st_mtime
-        rows.append({"model": run.parent.parent.name, "dataset": run.parent.name,
-                     "loss": run.name, "step": None if last is None else last[0],
+        rows.append({**run_labels(run), "step": None if last is None else last[0],
                      "train_loss": None if last is None else last[1],
                      "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(written))})
     return rows

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from halos.eval import stats
+from halos.suite.paths import run_labels
 
 BASE_COLUMNS = ["model", "size", "dataset", "loss", "judge", "n", "win_rate", "ci90_lo",
                 "ci90_hi", "p_value", "p_holm", "judge_score", "win_rate_vs_chosen",
@@ -81,8 +82,7 @@ def _run_row(run: Path) -> dict | None:
     preference, lm_eval = eval_dir / "preference.json", eval_dir / "lm_eval.json"
     if primary is None and not extra and not preference.is_file() and not lm_eval.is_file():
         return None
-    row: dict = {"model": run.parent.parent.name, "dataset": run.parent.name, "loss": run.name,
-                 "size": parameter_count(run / "model") if (run / "model").is_dir() else None}
+    row: dict = {**run_labels(run), "size": parameter_count(run / "model") if (run / "model").is_dir() else None}
     row.update(run_cost(run))  # measured cost (benchmark TSVs) beside the plan's
     if primary is not None:
         row.update(_judge_columns(_read_json(primary)))

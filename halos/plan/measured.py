@@ -61,11 +61,6 @@ def run_parts(run: Path) -> tuple[Path, str, str, str, str] | None:
     return run.parents[3].parent, run.parents[2].name, run.parents[1].name, run.parent.name, run.name
 
 
-def suite_plan(layout: Layout, suffix: str) -> str:
-    """results/{suite}/plan.{md,csv}: the plan the report job writes beside the leaderboard."""
-    return f"{layout.results}/plan.{suffix}"
-
-
 def benchmark_files(run: Path) -> dict[str, Path]:
     """{rule: TSV} of the jobs of one run that have a benchmark file: its training job, its
     evals, and the reference log-probs of its (model, dataset)."""
@@ -99,7 +94,7 @@ COST_COLUMNS = ["train_rule", "train_s", "train_cpu_h", "train_max_rss_mb", "gpu
 def plan_file(run: Path) -> Path | None:
     """The plan CSV of a run folder's suite (None outside the results/ layout)."""
     parts = run_parts(run)
-    return None if parts is None else parts[0] / suite_plan(Layout(parts[1]), "csv")
+    return None if parts is None else parts[0] / Layout(parts[1]).plan("csv")
 
 
 def read_plan(path: Path | None) -> dict[tuple[str, str, str, str], dict]:

@@ -162,8 +162,8 @@ def _example_tokens(view) -> tuple[list[int], list[int]]:
 
 def counted_reference_tokens(cfg, tokenizer_path: str) -> Tokens:
     """The tokens `halos ref-logps` scores: every sequence any loss may read from its file."""
-    from halos.train.reference_pass import _all_reference_sequences
+    from halos.train.reference_pass import reference_sequences
 
     with contextlib.redirect_stdout(sys.stderr):
-        sequences = _all_reference_sequences(cfg, load_tokenizer(tokenizer_path))
+        sequences = reference_sequences(cfg, load_tokenizer(tokenizer_path))
     return Tokens(scored=sum(len(p) + len(r) for p, r in sequences), source="counted")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from halos.config import ONLINE_PPO, PPO_MODEL_OPTIONS, PPOConfig, ppo_hyperparameters
+from halos.files import keep_json_lines_up_to
 from halos.models.generation import SEED_STRIDE, generate_ids
 from halos.plan.peak import peak_memory
 from halos.rl import ppo_math as rl
@@ -241,7 +242,7 @@ class OnlinePPO:
         state = resume(self.engine, self.session, self.fingerprint, self.logger, "iteration")
         step = int(state["step"])
         if step and self.rank == 0:  # samples of iterations after the checkpoint are sampled again
-            _keep_rows(self.out / SAMPLES_FILE, lambda row: row["step"] <= step)
+            keep_json_lines_up_to(self.out / SAMPLES_FILE, step)
         return state
 
     def export(self, summary: dict) -> None:
@@ -258,12 +259,6 @@ def _substate(state: dict[str, torch.Tensor] | None, prefix: str) -> dict | None
     if state is None:
         return None
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _keep_rows(path: Path, keep) -> None:
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
-        path.write_text("".join(line + "\n" for line in rows))
 
 
 def run_fingerprint(cfg: PPOConfig, world_size: int) -> str:

@@ -18,6 +18,7 @@ Snakemake pattern (`{model}`, `{dataset}`, `{loss}` left as wildcards).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 SFT = "sft"  # the loss row (and class) that is the SFT stage
 MODEL_DIR = "model"  # a training job's final Hugging Face folder, inside its run folder
@@ -33,6 +34,11 @@ def data_dir(dataset: str = D) -> str:
 
 def base_model_dir(model: str = M) -> str:
     return f"models/{model}"
+
+
+def run_labels(run: Path) -> dict[str, str]:
+    """{model, dataset, loss} of a run folder `.../{model}/{dataset}/{loss}`."""
+    return {"model": run.parent.parent.name, "dataset": run.parent.name, "loss": run.name}
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,10 @@ class Layout:
 
     def leaderboard(self, suffix: str) -> str:
         return f"{self.results}/leaderboard.{suffix}"
+
+    def plan(self, suffix: str) -> str:
+        """`halos plan`'s table (md, csv), rewritten by the report job beside the leaderboard."""
+        return f"{self.results}/plan.{suffix}"
 
     @property
     def plots(self) -> str:

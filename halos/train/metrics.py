@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from halos.config import ConfigError
-from halos.files import atomic_file
+from halos.files import atomic_file, keep_json_lines_up_to
 from halos.plan.peak import peak_memory
 from halos.suite.paths import METRICS_FILE
 
@@ -188,9 +188,11 @@ class MetricsLogger:
         self.step, self.resumed = step, True
         if not self.enabled:
             return
-        keep = [] if step == 0 else _rows_up_to(self.jsonl, step)
-        with atomic_file(self.jsonl) as handle:
-            handle.writelines(keep)
+        if step == 0 or not self.jsonl.is_file():
+            with atomic_file(self.jsonl):
+                pass  # a run from scratch (or --overwrite) starts a fresh file
+        else:
+            keep_json_lines_up_to(self.jsonl, step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
         if self.lines is not None:
@@ -243,19 +245,3 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _rows_up_to(path: Path, step: int) -> list[str]:
-    """The lines of metrics.jsonl logged at or before `step` (what a checkpoint of `step` has
-    seen); a torn last line of a killed run is dropped."""
-    if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    return kept

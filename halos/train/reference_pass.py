@@ -34,7 +34,7 @@ def reference_logps(cfg: TrainConfig) -> Path:
     ds = eng.deepspeed_config(cfg)
     model, tokenizer = eng.load_causal_lm(cfg.model, ds)
     check_fits(model, cfg)
-    sequences = _all_reference_sequences(cfg, tokenizer)
+    sequences = reference_sequences(cfg, tokenizer)
     raise_on_any_rank(_no_room(out, sequences) if rank == 0 else None)
     engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,
                               None)
@@ -97,7 +97,7 @@ def _write(out: Path, cfg: TrainConfig, gathered: list) -> str | None:
     return None
 
 
-def _all_reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+def reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     """The union of sequences the paired and unpaired (with KL pairs) views of the data score."""
     from halos.losses import get_loss_class
 
