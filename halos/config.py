@@ -75,8 +75,18 @@ class TrainConfig:
     precision: str = _opt("auto", "'auto' = bf16 where the GPU supports it, fp32 on CPU",
                           choices=["auto", "bf16", "fp32"])
     activation_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    attn_implementation: str = _opt("sdpa", "attention kernel the model is loaded with "
+                                    "(flash_attention_2 needs the flash-attn package and a GPU)",
+                                    choices=["sdpa", "eager", "flash_attention_2"])
     logits_chunk_size: int = _opt(1024, "rows of the LM head computed at once (memory vs speed)",
                                   minimum=1)
+    # --- LoRA (peft): frozen base weights, trained low-rank adapters (halos/train/lora.py)
+    lora_r: int = _opt(0, "LoRA rank (0 = train every weight, no adapters)", minimum=0)
+    lora_alpha: float = _opt(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank)",
+                             above=0)
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input", minimum=0, below=1)
+    lora_target_modules: str = _opt("", "comma-separated module names to adapt, or all-linear "
+                                    "('' = the model family's default: every linear projection)")
     # --- logging and checkpoints
     log_every: int = _opt(1, "write a metrics line every N optimizer steps", minimum=1)
     eval_every: int = _opt(0, "evaluate on held-out data every N steps (0 = only at the end)",
@@ -161,6 +171,8 @@ class PPOConfig(TrainConfig):
                              required=True)
     ref_model: str = _opt("", "frozen reference policy of the KL penalty (default: --model)")
     value_model: str = _opt("", "start of the value model, trained alongside (default: --reward-model)")
+    lora_value_model: bool = _opt(True, "with --lora-r: the value model trains LoRA adapters too "
+                                  "(--no-lora-value-model: every weight; its head always trains)")
     # --- rollouts
     response_length: int = _opt(53, "maximum new tokens of a sampled response (it stops at EOS)",
                                 minimum=1)
@@ -280,6 +292,7 @@ def checked_options(values: dict[str, Any], config: type[TrainConfig] = TrainCon
 # ------------------------------------------------------------------------ where a model comes from
 
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 # Any of these makes a folder's tokenizer loadable (fast, sentencepiece, BPE or WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -296,7 +309,8 @@ def resolve_model(name: str, option: str = "--model") -> str:
         raise ConfigError(f"{option} {name!r} is a file; give the model's folder (config.json, "
                           f"weights, tokenizer) or a Hub id owner/name")
     if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
+        # A LoRA adapter folder (halos/train/lora.py) loads as its base model + the adapter.
+        if not (path / CONFIG_FILE).is_file() and not (path / ADAPTER_CONFIG_FILE).is_file():
             raise ConfigError(f"{option} {name!r} has no {CONFIG_FILE}: not a saved model folder "
                               f"(save_pretrained writes one)")
         if not any((path / f).is_file() for f in TOKENIZER_FILES):

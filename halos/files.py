@@ -35,6 +35,15 @@ def _as_if_created(path: str | Path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def _give_plain_modes(folder: Path) -> None:
+    """Files some writers create private (safetensors under transformers 5 writes 0600) get the
+    mode a plain open() would give, so that a group-shared results folder stays readable."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            _as_if_created(path, 0o777 if executable else 0o666)
+
+
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only if the block succeeds."""
@@ -44,6 +53,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         _as_if_created(tmp, 0o777)
         yield tmp
+        _give_plain_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -39,11 +39,13 @@ def model_threads(wildcards):
     return hs.threads(SUITE, wildcards.model)
 
 
-def launch(wildcards, output, threads):
+def launch(wildcards, output, threads, resources):
     """hs.launcher: training and ref-logps join a process group (several processes per node
-    when the model row asks); sampling and evals (outputs under eval/) run one process."""
+    when the model row asks) over the job's nodes; sampling and evals (outputs under eval/)
+    run one process."""
     distributed = not any("/eval/" in str(f) for f in output)
-    return hs.launcher(SUITE, wildcards.model, threads, distributed=distributed)
+    return hs.launcher(SUITE, wildcards.model, threads, distributed=distributed,
+                       nodes=resources.nodes)
 
 
 def run_args(function):

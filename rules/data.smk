@@ -1,4 +1,5 @@
-# Stage 1: data/{dataset}/ (normalized JSONL) and the built-in tiny base models, models/{model}/.
+# Stage 1: data/{dataset}/ (normalized JSONL) and the base models the DAG builds, models/{model}/:
+# built-in tiny ones and GGUF rows imported once into a Hugging Face folder.
 # Both depend on their table row only, so every suite shares them.
 
 
@@ -54,3 +55,21 @@ rule tiny_model:
         **resources("cpu"),
     shell:
         "env OMP_NUM_THREADS={threads} halos tiny-model {params.args} > {log} 2>&1"
+
+
+rule import_model:
+    output:
+        directory(hs.base_model_dir()),
+    wildcard_constraints:
+        model=hs.wildcard_pattern([m for m in SUITE.models if SUITE.is_imported(m)]),
+    log:
+        PATHS.log("import_model", "{model}"),
+    benchmark:
+        PATHS.log("import_model", "{model}", "benchmark.tsv")
+    params:
+        args=lambda wc: hs.import_model_args(SUITE, wc.model),
+    threads: 1
+    resources:
+        **resources("cpu"),
+    shell:
+        "env OMP_NUM_THREADS={threads} halos import-model {params.args} > {log} 2>&1"

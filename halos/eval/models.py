@@ -16,7 +16,7 @@ def model_folder(model: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--model {str(model)!r}: not a model folder (expected a Hugging "
                                 f"Face folder such as results/M/D/LOSS/model)")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--model {str(model)!r}: no config.json; is this a saved model?")
     return path
 

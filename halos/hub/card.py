@@ -60,6 +60,7 @@ class CardInputs:
     datasets: list[str] = field(default_factory=list)
     license: str | None = None
     has_value_head: bool = False
+    is_adapter: bool = False          # a LoRA adapter folder (adapter_config.json)
     prompt_suffix: str = ""
     has_chat_template: bool = True
 
@@ -161,10 +162,12 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     tags = ["halos", "alignment", loss_class] + ([run.suite] if run.suite else [])
     if inputs.has_value_head:
         tags.append("reward-model")
+    if inputs.is_adapter:
+        tags.append("lora")
     results = eval_results(inputs)
     return ModelCardData(
         base_model=inputs.base_model, datasets=inputs.datasets or None, license=inputs.license,
-        library_name="transformers", pipeline_tag="text-generation", tags=list(dict.fromkeys(tags)),
+        library_name="peft" if inputs.is_adapter else "transformers", pipeline_tag="text-generation", tags=list(dict.fromkeys(tags)),
         model_name=inputs.repo_id.split("/")[-1] if results else None,
         eval_results=results or None,
         halos={"suite": run.suite, "model": run.model, "dataset": run.dataset, "loss": run.loss,
@@ -195,6 +198,10 @@ def _summary(inputs: CardInputs) -> str:
                                                 for d in inputs.datasets))
     if inputs.has_value_head:
         lines.append("- reward model: the value head is `value_head.safetensors` (TRL key names)")
+    if inputs.is_adapter:
+        lines.append("- a LoRA adapter (peft) on the base model: `PeftModel.from_pretrained("
+                     "AutoModelForCausalLM.from_pretrained(base), repo)`, or "
+                     "`AutoModelForCausalLM.from_pretrained(repo)` with peft installed")
     return "\n".join(lines) + "\n"
 
 

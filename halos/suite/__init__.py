@@ -20,6 +20,7 @@ from halos.suite.jobs import (  # noqa: F401
     data_options,
     eval_files,
     final_outputs,
+    import_model_args,
     judge_args,
     lm_eval_args,
     local_model_inputs,

@@ -20,8 +20,9 @@ from halos.suite.tables import Run, Suite, SuiteError
 
 
 def base_model(suite: Suite, model: str) -> str:
-    """Where the base model loads from: models/{model} for built-in tiny models, else the source."""
-    return base_model_dir(model) if suite.is_builtin(model) else suite.models[model]["source"]
+    """Where the base model loads from: models/{model} for built-in tiny and imported GGUF
+    models, else the source."""
+    return base_model_dir(model) if suite.builds_base_model(model) else suite.models[model]["source"]
 
 
 def start_model(suite: Suite, model: str, dataset: str, loss: str) -> str:
@@ -39,14 +40,14 @@ def reference_file(suite: Suite, model: str, dataset: str, loss: str) -> str | N
 
 
 def local_model_inputs(suite: Suite, model: str) -> list[str]:
-    """A built-in base model is a file the DAG builds; a Hub id is not an input."""
-    return [base_model(suite, model)] if suite.is_builtin(model) else []
+    """A built-in or imported base model is a folder the DAG builds; a Hub id is not an input."""
+    return [base_model(suite, model)] if suite.builds_base_model(model) else []
 
 
 def train_inputs(suite: Suite, model: str, dataset: str, loss: str) -> dict[str, str]:
     """Inputs of a training job (sft, align) for `unpack()`."""
     inputs = {"data": data_dir(dataset)}
-    if suite.losses[loss]["from_sft"] or suite.is_builtin(model):
+    if suite.losses[loss]["from_sft"] or suite.builds_base_model(model):
         inputs["model"] = start_model(suite, model, dataset, loss)
     ref = reference_file(suite, model, dataset, loss)
     if ref:
@@ -99,7 +100,8 @@ def data_options(suite: Suite, model: str, dataset: str) -> dict[str, Any]:
 
 def system_options(suite: Suite, model: str) -> dict[str, Any]:
     row = suite.models[model]
-    return {"deepspeed": row["deepspeed"], "precision": row["precision"], "progress": False}
+    return {"deepspeed": row["deepspeed"], "precision": row["precision"],
+            "attn_implementation": row["attn_implementation"], "progress": False}
 
 
 def batch_options(suite: Suite, model: str, loss: str) -> dict[str, int]:
@@ -119,8 +121,24 @@ def batch_options(suite: Suite, model: str, loss: str) -> dict[str, int]:
     return {"micro_batch_size": micro, "gradient_accumulation_steps": batch // (micro * world)}
 
 
+# The `lora` column's keys (models and losses tables) and the `halos` options they set.
+LORA_OPTIONS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                "target_modules": "lora_target_modules", "value_model": "lora_value_model"}
+
+
+def lora_options(suite: Suite, model: str, loss: str) -> dict[str, Any]:
+    """The `lora_*` options of a training job: the losses row's `lora`, then the models row's
+    (its keys win); value_model only for online PPO, whose value model it concerns."""
+    lora = {**suite.losses[loss].get("lora", {}), **suite.models[model].get("lora", {})}
+    if not suite.is_online(loss):
+        lora.pop("value_model", None)
+    if isinstance(lora.get("target_modules"), list):
+        lora["target_modules"] = ",".join(lora["target_modules"])
+    return {LORA_OPTIONS[key]: value for key, value in lora.items()}
+
+
 def train_options(suite: Suite, model: str, dataset: str, loss: str) -> dict[str, Any]:
-    """Every option of a training job, in the order: data, system, batch, loss row."""
+    """Every option of a training job, in the order: data, system, batch, loss row, LoRA."""
     lrow = suite.losses[loss]
     options = {**data_options(suite, model, dataset), **system_options(suite, model),
                **batch_options(suite, model, loss)}
@@ -128,6 +146,7 @@ def train_options(suite: Suite, model: str, dataset: str, loss: str) -> dict[str
                    max_steps=lrow["max_steps"])
     options.update(suite.models[model]["train"])
     options.update(lrow["train"])
+    options.update(lora_options(suite, model, loss))
     return options
 
 
@@ -198,6 +217,13 @@ def tiny_model_args(suite: Suite, model: str) -> str:
     options = {"size": row["tiny_size"], "corpus": data_dir(row["tiny_corpus"]),
                "out": base_model_dir(model), "vocab_size": row.get("tiny_vocab_size"), "seed": 0}
     return cli_args(options)
+
+
+def import_model_args(suite: Suite, model: str) -> str:
+    """`halos import-model`: a GGUF row's file into models/{model}."""
+    row = suite.models[model]
+    return cli_args({"source": row["source"], "gguf_file": row["gguf_file"],
+                     "out": base_model_dir(model)})
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -276,13 +302,20 @@ def publish_files(suite: Suite) -> list[str]:
 def publish_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
     """Options of `halos publish` for one run (the template stays out of Snakemake's formatting)."""
     publish = suite.publish
-    source = suite.models[model].get("source")
+    source = None if suite.is_imported(model) else suite.models[model].get("source")
+    base = source if source and not Path(source).exists() else None
+    adapter = publish.get("lora") == "adapter" and lora_options(suite, model, loss).get("lora_r")
+    if adapter and suite.losses[loss]["from_sft"]:  # the adapter's base: the published SFT run
+        from halos.hub.plan import repo_id_from_template
+
+        base = repo_id_from_template(publish["repo_template"], org=publish.get("org"),
+                                     suite=suite.name, model=model, dataset=dataset, loss=SFT)
     args = cli_args({"repo_template": publish["repo_template"], "org": publish.get("org"),
                      "suite": suite.name, "run": f"{model}/{dataset}/{loss}",
                      "eval_dir": suite.layout.eval_dir(model, dataset, loss),
                      "private": publish["private"],
                      "collection": publish.get("collection"), "revision": publish.get("revision"),
-                     "base_model": source if source and not Path(source).exists() else None})
+                     "base_model": base, "adapter": True if adapter else None})
     return args + (" --overwrite" if publish["overwrite"] else "")
 
 

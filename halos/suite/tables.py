@@ -46,7 +46,8 @@ DATA_OPTIONS = ("max_length", "max_prompt_length", "max_examples", "eval_example
 # Options the DAG sets itself: a table may not.
 DAG_OPTIONS = ("model", "data", "out", "loss", "loss_params", "ref_logps", "reference_model",
                "config", "overwrite", "progress", "micro_batch_size", "gradient_accumulation_steps",
-               "deepspeed", "precision", "learning_rate", "epochs", "max_steps")
+               "deepspeed", "precision", "learning_rate", "epochs", "max_steps", "lora_r",
+               "lora_alpha", "lora_dropout", "lora_target_modules", "lora_value_model")
 
 
 class SuiteError(ValueError):
@@ -86,6 +87,14 @@ class Suite:
     # --- what a row is
     def is_builtin(self, model: str) -> bool:
         return "tiny_size" in self.models[model]
+
+    def is_imported(self, model: str) -> bool:
+        """A GGUF row: converted once into models/{name} (rule import_model)."""
+        return "gguf_file" in self.models[model]
+
+    def builds_base_model(self, model: str) -> bool:
+        """Whether the DAG writes the row's base model to models/{name} (tiny or imported)."""
+        return self.is_builtin(model) or self.is_imported(model)
 
     def loss_class(self, loss: str) -> str:
         return self.losses[loss]["class"]
@@ -375,6 +384,9 @@ def _check_models(models: dict[str, dict], path: Path, datasets: dict[str, dict]
         if ("source" in row) == ("tiny_size" in row):
             raise SuiteError(f"{where}: set exactly one of `source` (Hugging Face id or local path) "
                              f"and `tiny_size` (a built-in tiny model)")
+        if row.get("source", "").startswith("package:") and "gguf_file" not in row:
+            raise SuiteError(f"{where}: source {row['source']!r} is a Python package; name the "
+                             f"GGUF file inside it with `gguf_file`")
         if "tiny_size" in row and row["tiny_corpus"] not in datasets:
             raise SuiteError(f"{where}: tiny_corpus {row['tiny_corpus']!r} is not a row of the "
                              f"datasets table")

@@ -7,6 +7,9 @@
                                 killed export is redone without retraining
     out/checkpoints/latest      the tag of the newest complete one (replaced atomically)
     out/model/                  the consolidated Hugging Face folder (written atomically)
+
+A LoRA run's checkpoints hold only the trained parameters (adapters, value head) and their
+optimizer state; the frozen base is loaded again from --model (halos/train/lora.py).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
         shutil.rmtree(partial)
     barrier()
     error = write_failure(lambda: engine.save_checkpoint(
-        str(root), tag=partial.name, client_state=client_state, save_latest=False), root)
+        str(root), tag=partial.name, client_state=client_state, save_latest=False,
+        exclude_frozen_parameters=_frozen_base(engine)), root)
     if error is None:
         barrier()
         error = write_failure(lambda: _commit(root, tag, keep_old), root) if is_main() else None
@@ -56,6 +60,14 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
         if is_main():
             shutil.rmtree(partial, ignore_errors=True)
         raise OutputError(error)
+
+
+def _frozen_base(engine) -> bool:
+    """A LoRA run's checkpoints leave out the frozen base weights (reloaded from --model on
+    resume): they hold the adapters, any value head and their optimizer state."""
+    from halos.train.lora import has_adapters
+
+    return has_adapters(engine.module)
 
 
 def _commit(root: Path, tag: str, keep_old: bool) -> None:
@@ -110,7 +122,8 @@ def load_checkpoint(engine, root: Path, tag: str) -> dict[str, Any]:
     raises OutputError naming it, on every rank."""
     state, error = None, None
     try:
-        _, state = engine.load_checkpoint(str(root), tag=tag)
+        _, state = engine.load_checkpoint(str(root), tag=tag,
+                                          load_module_strict=not _frozen_base(engine))
         if state is None:
             error = "DeepSpeed found no loadable state in it"
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:

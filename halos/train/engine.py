@@ -3,6 +3,7 @@ options), model loading (sharded under ZeRO-3), the engine with AdamW and the LR
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from halos.config import ConfigError, TrainConfig, resolve_deepspeed_config, resolve_model
+from halos.data.templates import resolve_chat_template
 
 
 def use_bf16(precision: str) -> bool:
@@ -52,10 +54,14 @@ def zero_stage(ds: dict[str, Any]) -> int:
 
 
 def load_causal_lm(path: str, ds: dict[str, Any], extra_tokens: tuple[str, ...] = (),
-                   option: str = "--model"):
+                   option: str = "--model", *, attn_implementation: str = "sdpa",
+                   chat_template: str = ""):
     """Load a causal LM (and its tokenizer) by hub id or folder; under ZeRO-3 it loads sharded.
     `path` is resolved first (`halos.config.resolve_model`), so a missing folder or a folder that
-    is no model is a one-line error naming `option`, never a Hub lookup."""
+    is no model is a one-line error naming `option`, never a Hub lookup; so is an attention
+    kernel that is not installed. `attn_implementation`, `chat_template`: the models table's
+    columns; a chat template given replaces the tokenizer's own, so that the exported folder
+    renders conversations as training did."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     is_folder = Path(resolve_model(path, option)).expanduser().is_dir()
@@ -65,8 +71,11 @@ def load_causal_lm(path: str, ds: dict[str, Any], extra_tokens: tuple[str, ...] 
         if is_folder:
             raise
         raise ConfigError(f"{option} {path!r}: {str(err).splitlines()[0]}") from err
+    check_attention(attn_implementation)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
     added = tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)},
                                          replace_extra_special_tokens=False) if extra_tokens else 0
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
@@ -76,11 +85,19 @@ def load_causal_lm(path: str, ds: dict[str, Any], extra_tokens: tuple[str, ...] 
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
     if added:
         model.resize_token_embeddings(len(tokenizer))
     del keep_alive
     return model, tokenizer
+
+
+def check_attention(attn_implementation: str) -> None:
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                          "(pip install flash-attn --no-build-isolation, on a CUDA machine); "
+                          "or use sdpa")
 
 
 def build_engine(module: torch.nn.Module, ds: dict[str, Any], cfg: TrainConfig | None,

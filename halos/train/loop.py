@@ -25,7 +25,8 @@ from halos.train.session import Session, resume
 RESUME_KEYS = ("model", "data", "loss", "loss_params", "ref_logps", "max_length",
                "max_prompt_length", "max_examples", "epochs", "max_steps", "micro_batch_size",
                "gradient_accumulation_steps", "learning_rate", "seed", "length_bucketing",
-               "lr_schedule", "warmup_steps", "chat_template")
+               "lr_schedule", "warmup_steps", "chat_template", "lora_r", "lora_alpha",
+               "lora_dropout", "lora_target_modules")
 
 
 def run_fingerprint(cfg: TrainConfig, world_size: int) -> str:
@@ -53,6 +54,9 @@ class Trainer:
         if start == len(self.plan) and "final_eval" in state:
             return state["final_eval"]
         last: dict[str, float] = {}
+        # from_pretrained returns a model in eval mode, where activation checkpointing (and
+        # dropout) do nothing: training steps run in train mode.
+        self.engine.train()
         for step in range(start, len(self.plan)):
             last = self._train_step(step)
             done = step + 1

@@ -32,7 +32,7 @@ def reference_logps(cfg: TrainConfig) -> Path:
     lock = claim_output(out, rank, is_file=True)  # before any scoring: writable, not in use
     _refuse_existing(out, cfg)
     ds = eng.deepspeed_config(cfg)
-    model, tokenizer = eng.load_causal_lm(cfg.model, ds)
+    model, tokenizer = eng.load_causal_lm(cfg.model, ds, attn_implementation=cfg.attn_implementation)
     check_fits(model, cfg)
     sequences = reference_sequences(cfg, tokenizer)
     raise_on_any_rank(_no_room(out, sequences) if rank == 0 else None)

@@ -15,8 +15,9 @@ from halos.losses import build_loss
 from halos.losses.base import AlignmentLoss
 from halos.plan.peak import peak_memory
 from halos.train import engine as eng
+from halos.train import lora
 from halos.train.batching import collate, plan_steps
-from halos.train.checkpoints import consolidated_state_dict, export_hf_folder
+from halos.train.checkpoints import consolidated_state_dict
 from halos.train.dataview import DataView, load_view
 from halos.train.logps import CausalLMLogps
 from halos.train.loop import Trainer
@@ -28,7 +29,9 @@ def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     loss = build_loss(cfg.loss, cfg.loss_params)
     session = start_run(cfg)
-    model, tokenizer = eng.load_causal_lm(cfg.model, session.ds, loss.extra_special_tokens)
+    model, tokenizer = eng.load_causal_lm(cfg.model, session.ds, loss.extra_special_tokens,
+                                           attn_implementation=cfg.attn_implementation,
+                                           chat_template=cfg.chat_template)
     check_fits(model, cfg)
     check_space(model, session.out, session.rank)
     train_data = load_view(cfg, loss, tokenizer, "train")
@@ -39,7 +42,10 @@ def train(cfg: TrainConfig) -> Path:
         print(f"[halos] warning: {warning}", flush=True)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = lora.wrap(model, cfg)  # without --lora-r: the model itself
     module = trainable_module(model, loss, cfg)
+    if lora.enabled(cfg) and session.rank == 0:
+        print(f"[halos] {lora.trainable_summary(module)}", flush=True)
     engine = eng.build_engine(module, session.ds, cfg, total_steps=len(plan))
     logger = open_logger(cfg, session, len(plan))
     trainer = Trainer(engine, loss, train_data, held_out, plan, cfg, logger, reference, session)
@@ -49,8 +55,8 @@ def train(cfg: TrainConfig) -> Path:
     summary = {"config": cfg.to_dict(), "loss": loss.name, "steps": len(plan),
                "world_size": session.world, "final_eval": final_eval,
                "peak_memory": peak_memory()}
-    export_hf_folder(module, state, tokenizer, session.final, {"halos_training.json": summary},
-                     session.checkpoints)
+    lora.export_model(module, state, tokenizer, session.final, {"halos_training.json": summary},
+                      session.checkpoints)
     finish_run(cfg, session, logger)
     return session.final
 
