@@ -45,8 +45,11 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     config = ("--config", f"suite={MICRO}")
     command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(work),
                "--cores", "2", *config]
+    # Ctrl-C must reach snakemake even when pytest itself runs in the background of a
+    # non-interactive shell (`pytest &`), which starts it with SIGINT ignored (inherited).
     proc = subprocess.Popen(command, env=env(), cwd=work, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = work / "results/micro/tiny-1m/synthetic/sft+dpo/checkpoints/latest"
     deadline = time.monotonic() + 900
     while not latest.exists():  # the dpo job has saved a checkpoint: interrupt it (Ctrl-C)
