@@ -299,6 +299,12 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
+def is_model_folder(path: Path) -> bool:
+    """A save_pretrained folder: config.json, or a LoRA adapter (halos/train/lora.py) that loads
+    as its base model + the adapter."""
+    return (path / CONFIG_FILE).is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
+
+
 def resolve_model(name: str, option: str = "--model") -> str:
     """Decide, before anything loads, whether `name` is a local model folder or a Hub id, and
     say what is missing: an existing path must be a folder with config.json and tokenizer files;
@@ -309,8 +315,7 @@ def resolve_model(name: str, option: str = "--model") -> str:
         raise ConfigError(f"{option} {name!r} is a file; give the model's folder (config.json, "
                           f"weights, tokenizer) or a Hub id owner/name")
     if path.is_dir():
-        # A LoRA adapter folder (halos/train/lora.py) loads as its base model + the adapter.
-        if not (path / CONFIG_FILE).is_file() and not (path / ADAPTER_CONFIG_FILE).is_file():
+        if not is_model_folder(path):
             raise ConfigError(f"{option} {name!r} has no {CONFIG_FILE}: not a saved model folder "
                               f"(save_pretrained writes one)")
         if not any((path / f).is_file() for f in TOKENIZER_FILES):

@@ -11,6 +11,10 @@ running() {  # running PIDFILE COMM — the PID file names a live process with t
   pid=$(cat "$1" 2>/dev/null) || return 1
   [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
+stop_and_wait() {  # stop_and_wait PID — SIGTERM, then up to 10 s for it to exit
+  kill "$1"
+  for _ in $(seq 40); do [ -d "/proc/$1" ] || break; sleep 0.25; done
+}
 await() {  # await SECONDS WHAT COMMAND... — poll every 0.5 s
   local seconds=$1 what=$2; shift 2
   for _ in $(seq $((seconds * 2))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done

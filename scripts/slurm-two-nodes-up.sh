@@ -125,8 +125,7 @@ restart_if_changed() {  # a changed slurm.conf needs every daemon restarted
     running "$pidfile" slurmd || running "$pidfile" slurmctld || continue
     local pid; pid=$(cat "$pidfile")
     say "slurm.conf changed: stopping pid $pid ($pidfile)"
-    kill "$pid"
-    for _ in $(seq 40); do [ -d "/proc/$pid" ] || break; sleep 0.25; done
+    stop_and_wait "$pid"
   done
 }
 

@@ -84,8 +84,7 @@ restart_if_changed() {  # a changed slurm.conf needs both daemons restarted, or 
     if running "/run/$daemon.pid" "$daemon"; then
       local pid; pid=$(cat "/run/$daemon.pid")
       say "slurm.conf changed: restarting $daemon"
-      kill "$pid"
-      for _ in $(seq 40); do [ -d "/proc/$pid" ] || break; sleep 0.25; done
+      stop_and_wait "$pid"
     fi
   done
 }

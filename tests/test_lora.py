@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_halos
+from conftest import FAST, metrics, run_halos
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -24,18 +24,6 @@ LORA = ("--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.0")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", "29561", "-m", "halos"]
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def metrics(out: Path, split: str) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
-
-
-@pytest.fixture(scope="module")
-def reference(sft_model: Path, synthetic_data: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lora-ref") / "ref_logps.pt"
-    run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out", out, *FAST)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +66,12 @@ def assert_merged_is_base_plus_adapter(run: Path, base: Path) -> dict[str, torch
 
 
 @pytest.fixture(scope="module")
-def lora_dpo(sft_model: Path, synthetic_data: Path, reference: Path, tmp_path_factory) -> Path:
+def lora_dpo(sft_model: Path, synthetic_data: Path, sft_reference: Path, tmp_path_factory) -> Path:
     """A LoRA DPO run (results/tiny-1m/synthetic/sft+dpo-lora), with activation checkpointing
     over the frozen embeddings."""
     out = tmp_path_factory.mktemp("lora-dpo") / "results/tiny-1m/synthetic/sft+dpo-lora"
     result = run_halos("align", "--loss", "dpo", "--beta", "0.1", "--model", sft_model, "--data",
-                       synthetic_data, "--ref-logps", reference, "--out", out, *FAST, *LORA,
+                       synthetic_data, "--ref-logps", sft_reference, "--out", out, *FAST, *LORA,
                        "--micro-batch-size", "16", "--eval-examples", "128", "--max-steps", "30",
                        "--learning-rate", "2e-3", "--activation-checkpointing")
     (out / "stdout.txt").write_text(result.stdout + result.stderr)
@@ -165,11 +153,11 @@ def test_lora_reward_model_trains_its_value_head_fully(lora_reward_model: Path,
 
 
 def test_lora_zero3_on_two_processes_resumes_to_the_same_adapter(
-        sft_model: Path, synthetic_data: Path, reference: Path, tmp_path: Path) -> None:
+        sft_model: Path, synthetic_data: Path, sft_reference: Path, tmp_path: Path) -> None:
     fast = list(FAST)
     fast[fast.index("--deepspeed") + 1] = "zero3"
     args = ("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data,
-            "--ref-logps", reference, *fast, *LORA, "--logits-chunk-size", "16",
+            "--ref-logps", sft_reference, *fast, *LORA, "--logits-chunk-size", "16",
             "--max-steps", "6", "--save-every", "3", "--keep-checkpoints",
             "--learning-rate", "1e-3")
     straight = tmp_path / "straight"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_halos
+from conftest import FAST, metrics, run_halos
 
 from halos.cli import main as halos_main
 from halos.data.prepare import read_rows
@@ -60,11 +60,6 @@ HYPERPARAMETERS = {
 
 def fast_option(flag: str) -> int:
     return int(FAST[FAST.index(flag) + 1])
-
-
-def metrics(out: Path, split: str) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 # ============================================================================ --help (fast)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_halos
+from conftest import FAST, metrics, run_halos
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -38,11 +38,6 @@ RESPONSE_LENGTH = 8
 PPO_FAST = ("--deepspeed", "zero0", "--no-progress", "--max-length", "64",
             "--max-prompt-length", "32", "--micro-batch-size", "16", "--response-length", "12",
             "--learning-rate", "3e-4", "--num-sample-generations", "1")
-
-
-def metrics(out: Path, split: str) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 # ================================================================== one rollout, in process

@@ -13,21 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, halos_env, run_halos
+from conftest import FAST, halos_env, metrics, run_halos
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-def metrics(out: Path, split: str) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
-
-
-@pytest.fixture(scope="module")
-def reference(sft_model: Path, synthetic_data: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "ref_logps.pt"
-    run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out", out, *FAST)
-    return out
 
 
 def test_sft_writes_a_loadable_hugging_face_folder(sft_model: Path) -> None:
@@ -49,20 +37,20 @@ def test_sft_writes_a_loadable_hugging_face_folder(sft_model: Path) -> None:
 
 
 def test_reference_file_for_another_model_is_refused(tiny_model: Path, synthetic_data: Path,
-                                                     reference: Path, tmp_path: Path) -> None:
+                                                     sft_reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "dpo"
     result = run_halos("align", "--loss", "dpo", "--model", tiny_model, "--data", synthetic_data,
-                       "--ref-logps", reference, "--out", out, *FAST, check=False)
+                       "--ref-logps", sft_reference, "--out", out, *FAST, check=False)
     assert result.returncode == 2
     assert "was computed with reference model" in result.stderr
     assert not (out / "model").exists()
 
 
 def test_reference_file_for_other_data_is_refused(sft_model: Path, synthetic_data: Path,
-                                                  reference: Path, tmp_path: Path) -> None:
+                                                  sft_reference: Path, tmp_path: Path) -> None:
     # Another chat template tokenizes other sequences: their log-probs are not in the file.
     result = run_halos("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data,
-                       "--ref-logps", reference, "--out", tmp_path / "dpo", *FAST,
+                       "--ref-logps", sft_reference, "--out", tmp_path / "dpo", *FAST,
                        "--chat-template", "human_assistant", check=False)
     assert result.returncode == 2
     assert "has no reference log-probs for" in result.stderr
@@ -70,9 +58,9 @@ def test_reference_file_for_other_data_is_refused(sft_model: Path, synthetic_dat
 
 
 def test_truncated_reference_file_is_refused(sft_model: Path, synthetic_data: Path,
-                                             reference: Path, tmp_path: Path) -> None:
+                                             sft_reference: Path, tmp_path: Path) -> None:
     broken = tmp_path / "ref.pt"
-    broken.write_bytes(reference.read_bytes()[:1000])
+    broken.write_bytes(sft_reference.read_bytes()[:1000])
     result = run_halos("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data,
                        "--ref-logps", broken, "--out", tmp_path / "dpo", *FAST, check=False)
     assert result.returncode == 2 and "not a reference log-probs file" in result.stderr
@@ -80,10 +68,10 @@ def test_truncated_reference_file_is_refused(sft_model: Path, synthetic_data: Pa
 
 @pytest.mark.slow
 def test_tiny_sft_ref_dpo_raises_held_out_reward_accuracy(sft_model: Path, synthetic_data: Path,
-                                                          reference: Path, tmp_path: Path) -> None:
+                                                          sft_reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "dpo"
     run_halos("align", "--loss", "dpo", "--beta", "0.1", "--model", sft_model, "--data",
-              synthetic_data, "--ref-logps", reference, "--out", out, *FAST,
+              synthetic_data, "--ref-logps", sft_reference, "--out", out, *FAST,
               "--learning-rate", "1e-4", "--micro-batch-size", "16", "--eval-examples", "128")
     final = metrics(out, "eval")[-1]
     assert final["rewards/accuracy"] > 0.5, final
@@ -91,20 +79,20 @@ def test_tiny_sft_ref_dpo_raises_held_out_reward_accuracy(sft_model: Path, synth
     assert "rewards/chosen" in final and "rewards/rejected" in final
 
 
-def _align_command(sft_model: Path, data: Path, reference: Path, out: Path) -> list[str]:
+def _align_command(sft_model: Path, data: Path, sft_reference: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "halos", "align", "--loss", "dpo", "--model", str(sft_model),
-            "--data", str(data), "--ref-logps", str(reference), "--out", str(out), *FAST,
+            "--data", str(data), "--ref-logps", str(sft_reference), "--out", str(out), *FAST,
             "--max-steps", "12", "--save-every", "3", "--learning-rate", "1e-4"]
 
 
 @pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(sft_model: Path, synthetic_data: Path,
-                                                      reference: Path, tmp_path: Path) -> None:
+                                                      sft_reference: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    subprocess.run(_align_command(sft_model, synthetic_data, reference, straight), check=True,
+    subprocess.run(_align_command(sft_model, synthetic_data, sft_reference, straight), check=True,
                    env=halos_env(), capture_output=True, timeout=600)
 
-    process = subprocess.Popen(_align_command(sft_model, synthetic_data, reference, resumed),
+    process = subprocess.Popen(_align_command(sft_model, synthetic_data, sft_reference, resumed),
                                env=halos_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     latest = resumed / "checkpoints" / "latest"
@@ -118,7 +106,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(sft_model: Path, synthetic
     logged = [r["step"] for r in metrics(resumed, "train")]
     assert 6 <= max(logged) < 12
 
-    result = subprocess.run(_align_command(sft_model, synthetic_data, reference, resumed),
+    result = subprocess.run(_align_command(sft_model, synthetic_data, sft_reference, resumed),
                             env=halos_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
@@ -134,12 +122,12 @@ def test_kill_and_resume_matches_an_uninterrupted_run(sft_model: Path, synthetic
 
 
 def test_partial_checkpoint_is_never_resumed(sft_model: Path, synthetic_data: Path,
-                                             reference: Path, tmp_path: Path) -> None:
+                                             sft_reference: Path, tmp_path: Path) -> None:
     """A checkpoint directory without the `latest` marker (a crash mid-write) is ignored."""
     out = tmp_path / "run"
     (out / "checkpoints" / "step_3.partial").mkdir(parents=True)
     (out / "checkpoints" / "step_3.partial" / "garbage").write_text("half-written")
-    result = run_halos(*_align_command(sft_model, synthetic_data, reference, out)[3:],
+    result = run_halos(*_align_command(sft_model, synthetic_data, sft_reference, out)[3:],
                        "--max-steps", "2", "--save-every", "0", "--eval-every", "1",
                        "--tensorboard")
     assert "resumed" not in result.stdout + result.stderr
@@ -160,7 +148,7 @@ LAUNCHERS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_zero3_on_two_cpu_processes_trains(launcher: str, sft_model: Path, synthetic_data: Path,
-                                           reference: Path, tmp_path: Path) -> None:
+                                           sft_reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "zero3"
     fast = list(FAST)
     fast[fast.index("--deepspeed") + 1] = "zero3"
@@ -170,7 +158,7 @@ def test_zero3_on_two_cpu_processes_trains(launcher: str, sft_model: Path, synth
     sharded_reference = tmp_path / "ref_logps.pt"
     run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out",
               sharded_reference, *fast, launcher=LAUNCHERS[launcher], timeout=300)
-    single, sharded = (torch.load(p, weights_only=True) for p in (reference, sharded_reference))
+    single, sharded = (torch.load(p, weights_only=True) for p in (sft_reference, sharded_reference))
     assert torch.equal(single["keys"], sharded["keys"])
     torch.testing.assert_close(sharded["sums"], single["sums"], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(sharded["token_logps"], single["token_logps"], atol=1e-4, rtol=1e-5)

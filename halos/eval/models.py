@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from halos.config import is_model_folder
 from halos.models import VALUE_HEAD_FILE
 
 TRAINING_FILE = "halos_training.json"
@@ -16,7 +17,7 @@ def model_folder(model: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--model {str(model)!r}: not a model folder (expected a Hugging "
                                 f"Face folder such as results/M/D/LOSS/model)")
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if not is_model_folder(path):
         raise FileNotFoundError(f"--model {str(model)!r}: no config.json; is this a saved model?")
     return path
 

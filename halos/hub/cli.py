@@ -13,8 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from halos.config import ADAPTER_CONFIG_FILE
 from halos.hub.card import RunId
 from halos.hub.plan import PublishError, check_repo_id, repo_id_from_template
+from halos.suite.paths import ADAPTER_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +74,9 @@ def options(args: argparse.Namespace):
         check_repo_id(dataset, "--dataset-id")
     folder = args.folder
     if args.adapter:
-        folder = args.folder.parent / "adapter"
-        if not (folder / "adapter_config.json").is_file():
-            raise PublishError(f"--adapter: {folder} holds no LoRA adapter (adapter_config.json); "
+        folder = args.folder.parent / ADAPTER_DIR
+        if not (folder / ADAPTER_CONFIG_FILE).is_file():
+            raise PublishError(f"--adapter: {folder} holds no LoRA adapter ({ADAPTER_CONFIG_FILE}); "
                                f"was the run trained with lora?")
     return PublishOptions(folder=folder, repo_id=repo_id, run=run,
                           eval_dir=args.eval_dir or args.folder.parent / "eval",

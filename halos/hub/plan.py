@@ -19,6 +19,8 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from halos.config import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG
+from halos.config import is_model_folder
 from halos.files import atomic_dir
 from halos.models import VALUE_HEAD_FILE
 
@@ -30,7 +32,6 @@ UPLOAD_PATTERNS = (
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt",
     "merges.txt", "halos_training.json", "adapter_config.json",
 )
-ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter folder (peft) instead of config.json
 CARD = "README.md"
 # The Hub stores these as LFS (by its .gitattributes) and large files too; used by the dry run's
 # listing only: the real upload mode is the Hub's answer to preupload.
@@ -88,7 +89,7 @@ def model_files(folder: Path) -> list[Path]:
     if not any(p.name.endswith(".safetensors") and p.name != VALUE_HEAD_FILE for p in files):
         raise PublishError(f"{folder}: no *.safetensors weights to publish (only safetensors "
                            f"checkpoints are uploaded; re-export with save_pretrained)")
-    if not (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
+    if not is_model_folder(folder):
         raise PublishError(f"{folder}: no config.json; is this a save_pretrained folder?")
     return files
 

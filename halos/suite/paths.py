@@ -22,6 +22,7 @@ from pathlib import Path
 
 SFT = "sft"  # the loss row (and class) that is the SFT stage
 MODEL_DIR = "model"  # a training job's final Hugging Face folder, inside its run folder
+ADAPTER_DIR = "adapter"  # a LoRA run's peft adapter, beside model/ (then the merged model)
 METRICS_FILE = "metrics.jsonl"  # a training job's metrics, one JSON line per logged step
 EVAL_DIR = "eval"
 REFERENCE_FILES = {False: "ref_logps.pt", True: "ref_logps_base.pt"}  # keyed by `base`

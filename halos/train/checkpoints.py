@@ -177,7 +177,7 @@ def export_hf_folder(module: torch.nn.Module, state_dict: dict[str, torch.Tensor
     """
     error = None
     if is_main():
-        error = write_failure(lambda: _write_hf_folder(module, state_dict, tokenizer, out,
+        error = write_failure(lambda: write_hf_folder(module, state_dict, tokenizer, out,
                                                        extra_files or {}), out.parent)
     if error is not None:
         error = (f"could not write the final model {out} ({error}; {free_mb(out)} MB free "
@@ -186,10 +186,12 @@ def export_hf_folder(module: torch.nn.Module, state_dict: dict[str, torch.Tensor
     raise_on_any_rank(error)
 
 
-def _write_hf_folder(module: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None,
-                     tokenizer, out: Path, extra_files: dict[str, dict]) -> None:
+def write_hf_folder(module: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None,
+                    tokenizer, out: Path, extra_files: dict[str, dict], **save_options) -> None:
+    """`module.save_pretrained` (with `save_options`), the tokenizer and the JSON `extra_files`
+    into `out`, atomically."""
     with atomic_dir(out) as tmp:
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **save_options)
         tokenizer.save_pretrained(tmp)
         for name, payload in extra_files.items():
             (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

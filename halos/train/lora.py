@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from halos.config import ConfigError, TrainConfig
-from halos.train.checkpoints import export_hf_folder
+from halos.suite.paths import ADAPTER_DIR
+from halos.train.checkpoints import export_hf_folder, write_hf_folder
 from halos.train.distributed import is_main
 from halos.train.outdir import raise_on_any_rank, write_failure
 
-ADAPTER_DIR = "adapter"  # beside model/ in the run folder (online PPO: value_adapter/ too)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Every linear projection of the attention and MLP blocks, by config.json `model_type`; another
 # family gets peft's "all-linear" (every nn.Linear but the LM head).
@@ -121,7 +120,7 @@ def export_model(wrapper: nn.Module, state: dict[str, torch.Tensor] | None, toke
         error = write_failure(lambda: _write_adapter(wrapper, rebuilt, others, tokenizer, adapter,
                                                      extra_files), adapter.parent)
         merged = rebuilt.merge_and_unload()
-        merged_state = {**{f"model.{k}": v for k, v in merged.state_dict().items()}, **others}
+        merged_state = {**_with_lm_prefix(merged.state_dict()), **others}
         wrapper = _rebound(wrapper, merged)
     raise_on_any_rank(f"could not write the adapter {adapter} ({error})" if error else None)
     export_hf_folder(wrapper, merged_state, tokenizer, final, extra_files, checkpoints)
@@ -156,6 +155,11 @@ def _lm_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
+def _with_lm_prefix(lm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The causal LM's state under the wrapper's `model.` prefix (the inverse of _lm_part)."""
+    return {f"model.{k}": v for k, v in lm_state.items()}
+
+
 def _rebound(wrapper: nn.Module, causal_lm: nn.Module) -> nn.Module:
     """A shallow copy of `wrapper` whose `.model` is `causal_lm`: its own save_pretrained then
     writes that model (plus, for a value-head wrapper, the head from the state it is given)."""
@@ -182,14 +186,5 @@ def _write_adapter(wrapper: nn.Module, rebuilt: nn.Module, others: dict[str, tor
                    tokenizer, adapter: Path, extra_files: dict[str, dict]) -> None:
     """The adapter folder: peft's files, any value head, the tokenizer and the training summary
     (so that sampling and evaluation read an adapter folder as they read model/)."""
-    import json
-
-    from halos.files import atomic_dir
-
-    state = {**{f"model.{k}": v for k, v in rebuilt.state_dict().items()}, **others}
-    with atomic_dir(adapter) as tmp:
-        _rebound(wrapper, rebuilt).save_pretrained(tmp, state_dict=state, safe_serialization=True,
-                                                   save_embedding_layers=_vocabulary_grew(rebuilt))
-        tokenizer.save_pretrained(tmp)
-        for name, payload in extra_files.items():
-            (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_hf_folder(_rebound(wrapper, rebuilt), {**_with_lm_prefix(rebuilt.state_dict()), **others},
+                    tokenizer, adapter, extra_files, save_embedding_layers=_vocabulary_grew(rebuilt))
