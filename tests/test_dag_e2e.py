@@ -129,11 +129,31 @@ def test_tiny_suite_end_to_end(tmp_path: Path):
         (r.model, r.dataset, r.loss) for r in suite.runs}
     assert (tmp_path / "results/tiny/leaderboard.md").read_text().count("\n") >= len(suite.runs)
     check_leaderboard_values(suite, rows)
+    check_one_reference_pass_and_tokenization(suite, tmp_path / "logs/tiny")
     assert list((tmp_path / "results/tiny/plots").glob("*.png"))
     for run in suite.runs:
         for path in hs.eval_files(suite, run):
             assert (tmp_path / path).is_file(), path
     assert dry_run(tmp_path, env=env()) == []
+
+
+REFERENCE_BASED = ("dpo", "cdpo", "robust", "ipo", "kto")
+
+
+def check_one_reference_pass_and_tokenization(suite, logs: Path) -> None:
+    """Per (model, dataset) one reference pass per reference model (the SFT model, the base
+    model), and no reference-based alignment job tokenizes its training split: the reference
+    pass did, and every loss reads that tokenization back from the data's cache."""
+    for model, dataset in {(run.model, run.dataset) for run in suite.runs}:
+        passes = sorted(p.parent.parent.name for p in logs.glob(f"ref_logps*/{model}/"
+                                                                 f"{dataset}.log"))
+        assert passes in (["ref_logps"], ["ref_logps", "ref_logps_base"]), passes
+    for run in suite.runs:
+        if suite.loss_class(run.loss) not in REFERENCE_BASED:
+            continue
+        log = (logs / f"align/{run.model}/{run.dataset}/{run.loss}.log").read_text()
+        split = [line for line in log.splitlines() if " train (" in line and "tokenized" in line]
+        assert split and all("(read from " in line for line in split), (run, split)
 
 
 def _number(row: dict, column: str) -> float:
@@ -146,8 +166,7 @@ def check_leaderboard_values(suite, rows: list[dict]) -> None:
     """Every cell the suite's evals promise holds a number in range, from the real runs."""
     for row in rows:
         reward_model = suite.is_reward_model(row["loss"])
-        reference_based = suite.losses[row["loss"]]["class"] in ("dpo", "cdpo", "robust", "ipo",
-                                                                  "kto")
+        reference_based = suite.losses[row["loss"]]["class"] in REFERENCE_BASED
         assert int(row["size"]) > 100_000
         assert 0.0 <= _number(row, "logp_accuracy" if not reward_model else "reward_accuracy") <= 1
         if reference_based:

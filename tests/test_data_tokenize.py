@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from halos.data.convert import paired_to_unpaired
+from halos.data.errors import ErrorPolicy
 from halos.data.tokenize import (
     CHAT_TEMPLATES,
     data_fingerprint,
@@ -16,6 +17,7 @@ from halos.data.tokenize import (
     tokenize_paired,
     tokenize_unpaired,
 )
+from halos.data.tokenize_cache import tokenize_split
 from halos.models.tiny import train_tokenizer
 
 CORPUS = [
@@ -167,3 +169,39 @@ def test_fingerprint(chatml):
     assert fp != data_fingerprint(examples[::-1])
     assert data_fingerprint(again) == data_fingerprint(examples[:1])
     assert data_fingerprint(again) != data_fingerprint(examples[1:])
+
+
+def _variants(n: int) -> list[dict]:
+    return [dict(ROW, id=f"bread-{i}", chosen=[{"role": "assistant", "content": "Yes. " * i}])
+            for i in range(1, n + 1)]
+
+
+def test_tokenization_cache_reads_back_exactly_what_tokenizing_gives(chatml, tmp_path):
+    """One tokenization per (tokenizer, template, rows, limits): the second call reads the file,
+    equal example for example; any input that changes the result is a different file."""
+    rows, policy = _variants(6), ErrorPolicy.of("raise")
+    options = dict(max_length=24, max_prompt_length=12, chat_template=None, policy=policy,
+                   cache_dir=tmp_path)
+    first, report, hit = tokenize_split(rows, chatml, "paired", **options)
+    assert hit is None and report.n_truncated > 0
+    again, cached_report, hit = tokenize_split(rows, chatml, "paired", **options)
+    assert hit is not None and again == first
+    assert (cached_report.n_in, cached_report.n_kept, cached_report.n_truncated,
+            cached_report.reasons) == (6, 6, report.n_truncated, report.reasons)
+    unpaired = paired_to_unpaired(rows, seed=0)
+    labelled, _, _ = tokenize_split(unpaired, chatml, "unpaired", **options)
+    assert tokenize_split(unpaired, chatml, "unpaired", **options)[:2][0] == labelled
+    assert {e.desirable for e in labelled} == {True, False}
+    for change in (dict(max_length=40), dict(chat_template="human_assistant")):
+        assert tokenize_split(rows, chatml, "paired", **{**options, **change})[2] is None
+    assert tokenize_split(rows[:5], chatml, "paired", **options)[2] is None
+    assert len(list(tmp_path.glob("*.npz"))) == 5
+
+
+def test_tokenization_cache_skips_a_folder_it_cannot_write(chatml, tmp_path):
+    (tmp_path / "data").write_text("")  # a file where the folder would go (root ignores modes)
+    options = dict(max_length=LONG, max_prompt_length=LONG, chat_template=None,
+                   policy=ErrorPolicy.of("raise"), cache_dir=tmp_path / "data" / ".tokenized")
+    for _ in range(2):
+        examples, _, hit = tokenize_split(_variants(2), chatml, "paired", **options)
+        assert hit is None and len(examples) == 2

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +206,26 @@ def test_tensorboard_gets_the_numeric_metrics(tmp_path: Path) -> None:
     assert sorted(accumulator.Tags()["scalars"]) == ["eval/loss", "train/loss"]
     assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == [(3, 1.5)]
     assert [(e.step, e.value) for e in accumulator.Scalars("eval/loss")] == [(4, 0.75)]
+
+
+def test_one_process_job_does_not_build_the_shm_op(tmp_path):
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory op (35-60 s on a fresh machine) at
+    start-up; a one-process job never communicates, so it must start without building it, and
+    a multi-process job builds it in a folder of this environment's own."""
+    script = ("import deepspeed.ops, deepspeed.comm.comm as c, os\n"
+              "from halos.train.distributed import SHM_OP, init_distributed\n"
+              "print('@', init_distributed())\n"
+              "print('@', c.cdb.shm_comm_op, deepspeed.ops.__compatible_ops__.get(SHM_OP),\n"
+              "      os.environ['TORCH_EXTENSIONS_DIR'])\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCH_EXTENSIONS_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.splitlines()
+    out = [line.removeprefix("@ ") for line in out if line.startswith("@ ")]
+    assert out[0] == "(0, 1)"
+    op, compatible, extensions = out[1].split()
+    assert op == "None"  # not built, not loaded
+    assert compatible in ("True", "None")  # restored for any later multi-process group
+    assert extensions.startswith(str(tmp_path / "cache" / "torch_extensions" / "halos-"))
+    assert not (tmp_path / "cache" / "torch_extensions").exists()

@@ -58,31 +58,44 @@ class _Encoder:
             messages, tokenize=False, add_generation_prompt=generation_prompt,
             chat_template=self.template)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """`ids` of a rendered text (encoded without special tokens) with BOS exactly once."""
         if self.bos is not None and ids[:1] != [self.bos]:
             ids = [self.bos, *ids]
         if self.bos is not None and ids[:2] == [self.bos, self.bos]:
             raise DataError("the chat template renders BOS twice", reason="double_bos")
         return ids
 
-    def prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
-        text = self.render(messages, generation_prompt=True)
-        return text, self.encode(text)
+    def encode_all(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts in one call (the fast tokenizer's batched Rust path)."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def response(self, prompt_text: str, prompt_ids: list[int], prompt: list[dict],
-                 response: list[dict], reasons: Counter) -> list[int]:
-        full_text = self.render(prompt + response, generation_prompt=False)
-        if not full_text.startswith(prompt_text):
+    def render_row(self, row: dict, fields: tuple[str, ...]) -> list[str]:
+        """[prompt text, then the whole conversation's text for each response field]."""
+        prompt_text = self.render(row["prompt"], generation_prompt=True)
+        full_texts = [self.render(row["prompt"] + row[name], generation_prompt=False)
+                      for name in fields]
+        if not all(text.startswith(prompt_text) for text in full_texts):
             raise DataError("the chat template renders the prompt differently inside the whole "
                             "conversation, so the response cannot be cut out of it",
                             reason="template_mismatch")
-        full_ids = self.encode(full_text)
+        return [prompt_text, *full_texts]
+
+    def cut(self, texts: list[str], encoded: list[list[int]],
+            reasons: Counter) -> tuple[list[int], list[list[int]]]:
+        """Prompt ids and each response's ids (ending in EOS) from `render_row`'s texts and
+        their encodings."""
+        prompt_ids = self.with_bos(encoded[0])
+        return prompt_ids, [self._response(texts[0], prompt_ids, text, self.with_bos(ids), reasons)
+                            for text, ids in zip(texts[1:], encoded[1:], strict=True)]
+
+    def _response(self, prompt_text: str, prompt_ids: list[int], full_text: str,
+                  full_ids: list[int], reasons: Counter) -> list[int]:
         if full_ids[: len(prompt_ids)] == prompt_ids:
             ids = full_ids[len(prompt_ids):]
         else:  # a BPE merge across the seam: encode the response text on its own
             reasons["seam_retokenized"] += 1
-            ids = self.tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+            ids = self.encode_all([full_text[len(prompt_text):]])[0]
         if self.eos in ids:  # drop what a template writes after the final EOS (e.g. "\n")
             return ids[: len(ids) - ids[::-1].index(self.eos)]
         return [*ids, self.eos]
@@ -117,6 +130,9 @@ def _where(rows: Sequence[dict], index: int) -> tuple[str, int]:
     return f"<rows> (id {rows[index].get('id')!r})", index + 1
 
 
+_ENCODE_BATCH = 512  # rows rendered, then encoded in one tokenizer call
+
+
 def _tokenize(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, kind: str,
               max_length: int, max_prompt_length: int | None, chat_template: str | None,
               on_error: OnError | ErrorPolicy) -> tuple[list, TokenizeReport]:
@@ -125,30 +141,54 @@ def _tokenize(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, kind: st
     report = TokenizeReport(n_in=len(rows))
     fields = ("chosen", "rejected") if kind == "paired" else ("completion",)
     out = []
-    for index, raw in enumerate(rows):
-        try:
-            row = normalize_row(raw)
-            if row_kind(row) != kind:
-                raise DataError(f"expected a {kind} row, got a {row_kind(row)} one",
-                                reason="wrong_shape")
-            text, prompt = encoder.prompt(row["prompt"])
-            responses = [encoder.response(text, prompt, row["prompt"], row[name], report.reasons)
-                         for name in fields]
-            prompt, responses, cut = _truncate(prompt, responses, max_length, max_prompt_length,
-                                               encoder.bos is not None, report.reasons)
-        except DataError as err:
-            report.n_dropped += 1
-            report.reasons[err.reason] += 1
-            policy.handle(err.at(*_where(rows, index)))
-            continue
-        report.n_truncated += cut
-        if kind == "paired":
-            out.append(TokenizedPair(row["id"], prompt, responses[0], responses[1]))
-        else:
-            out.append(TokenizedCompletion(row["id"], prompt, responses[0],
-                                           desirable=row["label"] == "desirable"))
+    for start in range(0, len(rows), _ENCODE_BATCH):
+        indices = range(start, min(start + _ENCODE_BATCH, len(rows)))
+        rendered = {i: r for i in indices
+                    if (r := _guarded(rows, i, report, policy, _render, encoder, kind, fields))}
+        flat = encoder.encode_all([text for _, texts in rendered.values() for text in texts])
+        at = 0
+        for i, (row, texts) in rendered.items():
+            encoded, at = flat[at : at + len(texts)], at + len(texts)
+            example = _guarded(rows, i, report, policy, _example, encoder, row, texts, encoded,
+                               kind, max_length, max_prompt_length, report)
+            if example is not None:
+                out.append(example)
     report.n_kept = len(out)
     return out, report
+
+
+def _guarded(rows: Sequence[dict], index: int, report: TokenizeReport, policy: ErrorPolicy,
+             step, *args):
+    """`step(rows[index], *args)`, or None after counting (and by policy raising) a DataError
+    that names the row's file and line."""
+    try:
+        return step(rows[index], *args)
+    except DataError as err:
+        report.n_dropped += 1
+        report.reasons[err.reason] += 1
+        policy.handle(err.at(*_where(rows, index)))
+        return None
+
+
+def _render(raw: dict, encoder: _Encoder, kind: str,
+            fields: tuple[str, ...]) -> tuple[dict, list[str]]:
+    row = normalize_row(raw)
+    if row_kind(row) != kind:
+        raise DataError(f"expected a {kind} row, got a {row_kind(row)} one", reason="wrong_shape")
+    return row, encoder.render_row(row, fields)
+
+
+def _example(_raw: dict, encoder: _Encoder, row: dict, texts: list[str],
+             encoded: list[list[int]], kind: str, max_length: int,
+             max_prompt_length: int | None, report: TokenizeReport) -> TokenizedExample:
+    prompt, responses = encoder.cut(texts, encoded, report.reasons)
+    prompt, responses, cut = _truncate(prompt, responses, max_length, max_prompt_length,
+                                       encoder.bos is not None, report.reasons)
+    report.n_truncated += cut
+    if kind == "paired":
+        return TokenizedPair(row["id"], prompt, responses[0], responses[1])
+    return TokenizedCompletion(row["id"], prompt, responses[0],
+                               desirable=row["label"] == "desirable")
 
 
 def tokenize_paired(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, *, max_length: int,

@@ -95,7 +95,7 @@ def holds_pairs(path: Path, cfg: TrainConfig) -> bool:
 def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
               kind: BatchKind | None = None, with_kl: bool | None = None) -> DataView:
     """Tokenize one split of `cfg.data` for `loss` (or for an explicit kind, for ref-logps)."""
-    from halos.data.tokenize import tokenize_paired, tokenize_unpaired
+    from halos.data.tokenize_cache import CACHE_DIR, tokenize_split
 
     kind = kind or loss.batch_kind
     with_kl = loss.needs_kl_pairs if with_kl is None else with_kl
@@ -104,12 +104,13 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
     limit = cfg.max_examples if split == "train" else cfg.eval_examples
     if limit and not with_kl:
         rows = rows[:limit]
-    tokenize = tokenize_paired if kind == "paired" else tokenize_unpaired
-    examples, report = tokenize(rows, tokenizer, max_length=cfg.max_length,
-                                max_prompt_length=cfg.max_prompt_length,
-                                chat_template=cfg.chat_template or None, on_error=policy)
-    report_skips(f"{cfg.data} {split} ({kind})", report.n_in, len(examples), report.n_truncated,
-                 policy)
+    examples, report, cached = tokenize_split(
+        rows, tokenizer, kind, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        chat_template=cfg.chat_template or None, policy=policy,
+        cache_dir=Path(cfg.data) / CACHE_DIR)
+    source = f" (read from {cached})" if cached else ""
+    report_skips(f"{cfg.data} {split} ({kind}){source}", report.n_in, len(examples),
+                 report.n_truncated, policy)
     examples = _with_prompt_suffix(examples, loss, tokenizer)
     partners = None
     if with_kl and examples:

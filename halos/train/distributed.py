@@ -3,9 +3,14 @@ one process on its own."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
 import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,10 +28,42 @@ def init_distributed() -> tuple[int, int]:
             MASTER_PORT=str(_free_port())))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        with _shm_op_only_across_processes(int(os.environ["WORLD_SIZE"])):
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _shm_op_only_across_processes(world_size: int) -> Iterator[None]:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (`deepspeed_shm_comm`,
+    35-60 s of C++ on a fresh machine) whenever it starts, even for one process, which never
+    communicates. Skip the build for one process; for several, build it once per environment:
+    its build command names the venv's include paths, so two venvs sharing the default
+    ~/.cache/torch_extensions rebuild each other's op on every alternation."""
+    import deepspeed.ops
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
+    compatible = deepspeed.ops.__compatible_ops__
+    was = compatible.get(SHM_OP)
+    if world_size == 1 and SHM_OP in compatible:
+        compatible[SHM_OP] = False
+    try:
+        yield
+    finally:
+        if was is not None:
+            compatible[SHM_OP] = was
+
+
+SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
+
+
+def _extensions_dir() -> Path:
+    """torch's JIT extension folder for this interpreter's environment."""
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "torch_extensions" / f"halos-{tag}"
 
 
 def _slurm_ranks() -> dict[str, str] | None:
