@@ -108,9 +108,8 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
         rows, tokenizer, kind, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         chat_template=cfg.chat_template or None, policy=policy,
         cache_dir=Path(cfg.data) / CACHE_DIR)
-    source = f" (read from {cached})" if cached else ""
-    report_skips(f"{cfg.data} {split} ({kind}){source}", report.n_in, len(examples),
-                 report.n_truncated, policy)
+    report_skips(f"{cfg.data} {split} ({kind})", report.n_in, len(examples),
+                 report.n_truncated, policy, cached)
     examples = _with_prompt_suffix(examples, loss, tokenizer)
     partners = None
     if with_kl and examples:
@@ -123,13 +122,15 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
 
 
 def report_skips(what: str, tokenized: int, kept: int, truncated: int,
-                 policy: ErrorPolicy) -> None:
-    """One line of counts ("tokenized N: kept K, dropped M (reason: count), truncated T"), then
-    each skipped row (the first few) with its file:line and reason."""
+                 policy: ErrorPolicy, cached: Path | None = None) -> None:
+    """One line of counts ("tokenized N: kept K, dropped M (reason: count), truncated T", and
+    "(read from FILE)" when the tokenization cache held it), then each skipped row (the first
+    few) with its file:line and reason."""
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(policy.skipped.items()))
     dropped = f"dropped {policy.n_skipped}" + (f" ({reasons})" if reasons else "")
-    print(f"[halos] {what}: tokenized {tokenized}: kept {kept}, {dropped}, truncated {truncated}",
-          flush=True)
+    source = f" (read from {cached})" if cached else ""
+    print(f"[halos] {what}: tokenized {tokenized}: kept {kept}, {dropped}, truncated {truncated}"
+          f"{source}", flush=True)
     for example in policy.examples:
         print(f"[halos]   skipped {example}", flush=True)
     if policy.n_skipped > len(policy.examples):
