@@ -18,7 +18,12 @@ from transformers import PreTrainedTokenizerBase
 from halos.data.errors import DataError, ErrorPolicy, OnError
 from halos.data.rows import normalize_row, row_kind
 from halos.data.templates import CHAT_TEMPLATES, resolve_chat_template
-from halos.data.types import TokenizedCompletion, TokenizedExample, TokenizedPair
+from halos.data.types import (
+    TokenizedCompletion,
+    TokenizedExample,
+    TokenizedPair,
+    token_parts,
+)
 
 
 @dataclass
@@ -144,7 +149,8 @@ def _tokenize(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, kind: st
     for start in range(0, len(rows), _ENCODE_BATCH):
         indices = range(start, min(start + _ENCODE_BATCH, len(rows)))
         rendered = {i: r for i in indices
-                    if (r := _guarded(rows, i, report, policy, _render, encoder, kind, fields))}
+                    if (r := _guarded(rows, i, report, policy, _render, rows[i], encoder, kind,
+                                      fields))}
         flat = encoder.encode_all([text for _, texts in rendered.values() for text in texts])
         at = 0
         for i, (row, texts) in rendered.items():
@@ -159,10 +165,10 @@ def _tokenize(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, kind: st
 
 def _guarded(rows: Sequence[dict], index: int, report: TokenizeReport, policy: ErrorPolicy,
              step, *args):
-    """`step(rows[index], *args)`, or None after counting (and by policy raising) a DataError
+    """`step(*args)` for row `index`, or None after counting (and by policy raising) a DataError
     that names the row's file and line."""
     try:
-        return step(rows[index], *args)
+        return step(*args)
     except DataError as err:
         report.n_dropped += 1
         report.reasons[err.reason] += 1
@@ -178,7 +184,7 @@ def _render(raw: dict, encoder: _Encoder, kind: str,
     return row, encoder.render_row(row, fields)
 
 
-def _example(_raw: dict, encoder: _Encoder, row: dict, texts: list[str],
+def _example(encoder: _Encoder, row: dict, texts: list[str],
              encoded: list[list[int]], kind: str, max_length: int,
              max_prompt_length: int | None, report: TokenizeReport) -> TokenizedExample:
     prompt, responses = encoder.cut(texts, encoded, report.reasons)
@@ -213,12 +219,8 @@ def data_fingerprint(examples: Sequence[TokenizedExample]) -> str:
     """sha256 over every example's token ids, in order (keys precomputed reference log-probs)."""
     digest = hashlib.sha256()
     for example in examples:
-        if isinstance(example, TokenizedPair):
-            parts = (example.prompt_ids, example.chosen_ids, example.rejected_ids)
-        else:
-            parts = (example.prompt_ids, example.completion_ids)
         digest.update(b"P" if isinstance(example, TokenizedPair) else b"C")
-        for ids in parts:
+        for ids in token_parts(example):
             digest.update(len(ids).to_bytes(4, "little"))
             digest.update(array("q", ids).tobytes())
     return digest.hexdigest()

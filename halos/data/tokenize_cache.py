@@ -19,7 +19,12 @@ import numpy as np
 
 from halos.data.errors import ErrorPolicy
 from halos.data.tokenize import TokenizeReport, tokenize_paired, tokenize_unpaired
-from halos.data.types import TokenizedCompletion, TokenizedExample, TokenizedPair
+from halos.data.types import (
+    TokenizedCompletion,
+    TokenizedExample,
+    TokenizedPair,
+    token_parts,
+)
 from halos.files import atomic_file
 
 CACHE_DIR = ".tokenized"
@@ -70,15 +75,9 @@ def _cache_key(rows: Sequence[dict], tokenizer, kind: str, max_length: int,
     return digest.hexdigest()[:40]
 
 
-def _parts(example: TokenizedExample) -> tuple[list[int], ...]:
-    if isinstance(example, TokenizedPair):
-        return example.prompt_ids, example.chosen_ids, example.rejected_ids
-    return example.prompt_ids, example.completion_ids
-
-
 def _write(path: Path, examples: list[TokenizedExample], report: TokenizeReport,
            kind: str) -> None:
-    parts = [part for e in examples for part in _parts(e)]
+    parts = [part for e in examples for part in token_parts(e)]
     lengths = np.array([len(p) for p in parts], dtype=np.int64)
     flat = np.fromiter((t for p in parts for t in p), dtype=np.int64, count=int(lengths.sum()))
     counts = {"n_in": report.n_in, "n_kept": report.n_kept, "n_truncated": report.n_truncated,

@@ -32,3 +32,11 @@ class TokenizedCompletion:
 
 
 TokenizedExample = TokenizedPair | TokenizedCompletion
+
+
+def token_parts(example: TokenizedExample) -> tuple[list[int], ...]:
+    """An example's token id lists in a fixed order: prompt, chosen, rejected or prompt,
+    completion."""
+    if isinstance(example, TokenizedPair):
+        return example.prompt_ids, example.chosen_ids, example.rejected_ids
+    return example.prompt_ids, example.completion_ids

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 from halos.suite.launch import rendezvous_port
 
+SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
+
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun / the deepspeed launcher / `srun` set up, or make one of 1."""
@@ -54,9 +56,6 @@ def _shm_op_only_across_processes(world_size: int) -> Iterator[None]:
     finally:
         if was is not None:
             compatible[SHM_OP] = was
-
-
-SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
 
 
 def _extensions_dir() -> Path:
