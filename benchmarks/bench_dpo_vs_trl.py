@@ -7,6 +7,8 @@ times; the table reports medians):
 - ``halos``            `halos ref-logps` (a process) then `halos align --loss dpo` (a process),
                        length-bucketed batches (the default);
 - ``halos-nobucket``   the same with `--no-length-bucketing`;
+- ``halos-packed``     the same as ``halos`` with `--packing` in both commands: each microbatch's
+                       sequences packed into fewer rows, a pair's prompt computed once;
 - ``trl-default``      TRL `DPOTrainer`, defaults: the reference model runs every step;
 - ``trl-precompute``   TRL with `precompute_ref_log_probs=True` (computed inside `__init__`).
 
@@ -74,7 +76,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("halos", "halos-nobucket", "trl-default", "trl-precompute")
+CONFIGS = ("halos", "halos-nobucket", "halos-packed", "trl-default", "trl-precompute")
 MICRO_BATCH, MAX_LENGTH, MAX_PROMPT, LR, SEED = 8, 512, 384, 5e-6, 0
 MODEL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, intermediate_size=688, vocab_size=8192)
@@ -174,12 +176,12 @@ def tokenized_pairs(data: Path, model_dir: Path):
 
 
 # ----------------------------------------------------------------------------- workers
-def _halos_worker(args, bucketing: bool) -> dict:
+def _halos_worker(args, bucketing: bool, packing: bool = False) -> dict:
     """Runs the two halos commands as child processes; imports nothing heavy itself."""
     run = Path(args.run_dir)
     common = ["--model", args.model, "--data", args.data, "--micro-batch-size", str(MICRO_BATCH),
               "--deepspeed", "zero0", "--max-length", str(MAX_LENGTH), "--max-prompt-length",
-              str(MAX_PROMPT), "--eval-examples", "0"]
+              str(MAX_PROMPT), "--eval-examples", "0", "--packing" if packing else "--no-packing"]
     halos = [sys.executable, "-m", "halos"]
     ref = run / "ref.pt"
     t0 = time.perf_counter()
@@ -266,6 +268,7 @@ def worker(args) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     fn = {"halos": lambda: _halos_worker(args, True),
           "halos-nobucket": lambda: _halos_worker(args, False),
+          "halos-packed": lambda: _halos_worker(args, True, packing=True),
           "trl-default": lambda: _trl_worker(args, False),
           "trl-precompute": lambda: _trl_worker(args, True)}[args.worker]
     result = fn()
@@ -324,7 +327,7 @@ def static_stats(data: Path, model_dir: Path) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from halos.train.batching import example_length, plan_steps
+    from halos.train.batching import example_length, make_batch, plan_steps
 
     pairs, _ = tokenized_pairs(data, model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -341,17 +344,18 @@ def static_stats(data: Path, model_dir: Path) -> dict:
     attn = sum(layers * d * (a + b) ** 2 for a, b in seqs)  # causal forward = 2 L d s^2
     lens = [example_length(p) for p in pairs]
 
-    def halos_padding(bucketing: bool) -> float:
+    def halos_padding(bucketing: bool, packing: bool = False) -> float:
+        """1 - computed tokens / positions of the model's input rows over the batch plan."""
         plan = plan_steps(lens, micro_batch_size=MICRO_BATCH, grad_accum=1, world_size=1,
                           epochs=1, seed=SEED, bucketing=bucketing)
-        real = padded = 0
+        real = positions = 0
         for step in plan:
             for micro in step:
-                rows = [(len(pairs[i].prompt_ids), len(r)) for i in micro
-                        for r in (pairs[i].chosen_ids, pairs[i].rejected_ids)]
-                real += sum(a + b for a, b in rows)
-                padded += len(rows) * max(a + b for a, b in rows)
-        return 1 - real / padded
+                batch = make_batch(pairs, micro, "paired", 0, packing=packing)
+                rows = batch.packed or batch
+                real += batch.packed.tokens if batch.packed else batch.real_tokens
+                positions += rows.input_ids.numel()
+        return 1 - real / positions
 
     prompt_lens = sorted(len(p.prompt_ids) for p in pairs)
     del torch
@@ -368,6 +372,9 @@ def static_stats(data: Path, model_dir: Path) -> dict:
         "flops_policy_head_aware": 6 * (n_body * tokens + n_head * resp) + 6 * attn,
         "flops_ref_head_aware": 2 * (n_body * tokens + n_head * resp) + 2 * attn,
         "padding_halos": halos_padding(True), "padding_halos-nobucket": halos_padding(False),
+        "padding_halos-packed": halos_padding(True, packing=True),
+        # Prompt sharing computes each pair's prompt once instead of twice.
+        "prompt_sharing_removes": sum(prompt_lens) / tokens,
     }
 
 
@@ -425,8 +432,10 @@ def print_table(table: dict, stats: dict, peak: float) -> None:
               f"{r['mfu_train_head_aware']:>11.1%}/{r['mfu_e2e_head_aware']:<7.1%}"
               f"{r['mean_loss']:>10.4f}")
     print("\nratios (medians)                train   end-to-end  peak RSS   target (e2e)")
-    for ours in ("halos", "halos-nobucket"):
-        for theirs, target in (("trl-default", 3.0), ("trl-precompute", 2.0)):
+    print(f"prompt sharing (halos-packed) removes {stats['prompt_sharing_removes']:.1%} of the "
+          f"tokens; its rows' padding {stats['padding_halos-packed']:.1%}")
+    for ours in ("halos", "halos-nobucket", "halos-packed"):
+        for theirs, target in (("trl-default", 8.0), ("trl-precompute", 6.0)):
             if ours not in table or theirs not in table:
                 continue
             a, b = table[ours], table[theirs]

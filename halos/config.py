@@ -78,6 +78,8 @@ class TrainConfig:
     attn_implementation: str = _opt("sdpa", "attention kernel the model is loaded with "
                                     "(flash_attention_2 needs the flash-attn package and a GPU)",
                                     choices=["sdpa", "eager", "flash_attention_2"])
+    packing: bool = _opt(False, "pack each microbatch's sequences into fewer rows, a pair's "
+                         "prompt computed once for chosen and rejected (sdpa/eager attention)")
     logits_chunk_size: int = _opt(1024, "rows of the LM head computed at once (memory vs speed)",
                                   minimum=1)
     # --- LoRA (peft): frozen base weights, trained low-rank adapters (halos/train/lora.py)
@@ -141,9 +143,9 @@ ONLINE_PPO = "online_ppo"  # what an online PPO run is called where a loss name 
 # The models of `halos ppo` beside --model (the policy's start).
 PPO_MODEL_OPTIONS = ("reward_model", "ref_model", "value_model")
 # Training options `halos ppo` does not take: it has no loss, no reference file, no held-out
-# loss to evaluate and no length-bucketed data plan (its batches are rollouts).
+# loss to evaluate and no length-bucketed or packed data plan (its batches are rollouts).
 PPO_UNUSED_OPTIONS = ("loss", "loss_params", "ref_logps", "reference_model", "ref_views",
-                      "ref_splits", "length_bucketing", "eval_every", "eval_examples")
+                      "ref_splits", "length_bucketing", "eval_every", "eval_examples", "packing")
 
 
 @dataclass

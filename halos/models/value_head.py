@@ -22,6 +22,7 @@ from torch import nn
 from halos.files import atomic_file
 from halos.models import VALUE_HEAD_FILE
 from halos.train.logps import backbone_hidden, output_head, token_logps_from_hidden
+from halos.train.packing import Packed
 
 WEIGHT_KEY, BIAS_KEY = "v_head.summary.weight", "v_head.summary.bias"
 
@@ -73,12 +74,13 @@ class ValueHeadModel(nn.Module):
         return self.model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                loss_mask: torch.Tensor, packed: Packed | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (N,) float32 read at the last scored token, and scored-token counts (N,).
 
         Counts follow `halos.train.logps`: token t is scored when loss_mask[t] is set and t > 0.
         """
-        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
+        hidden = backbone_hidden(self.model, input_ids, attention_mask, packed)  # (N, T, H)
         last = last_scored_position(loss_mask, attention_mask)  # (N,)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
         scores = self.value_head(picked.to(self.value_head.weight.dtype)).squeeze(-1)
@@ -134,9 +136,10 @@ class PolicyValueModel(ValueHeadModel):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                loss_mask: torch.Tensor, packed: Packed | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-probs, mask, values), each (N, T-1); log-probs and values are float32."""
-        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
+        hidden = backbone_hidden(self.model, input_ids, attention_mask, packed)  # (N, T, H)
         logps, mask = token_logps_from_hidden(hidden, input_ids, loss_mask,
                                               output_head(self.model), self.chunk_size)
         return logps, mask, self._grid_values(hidden)

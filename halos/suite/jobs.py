@@ -101,7 +101,8 @@ def data_options(suite: Suite, model: str, dataset: str) -> dict[str, Any]:
 def system_options(suite: Suite, model: str) -> dict[str, Any]:
     row = suite.models[model]
     return {"deepspeed": row["deepspeed"], "precision": row["precision"],
-            "attn_implementation": row["attn_implementation"], "progress": False}
+            "attn_implementation": row["attn_implementation"], "packing": row["packing"],
+            "progress": False}
 
 
 def batch_options(suite: Suite, model: str, loss: str) -> dict[str, int]:

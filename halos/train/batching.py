@@ -15,6 +15,7 @@ import torch
 
 from halos.data.types import TokenizedCompletion, TokenizedExample, TokenizedPair
 from halos.losses.base import BatchKind, Logps, PairedLogps, SFTLogps, TokenLogps, UnpairedLogps
+from halos.train.packing import Packed, pack_when_smaller
 
 BUCKET_WINDOW = 64  # microbatches sorted by length together; larger = less padding, less mixing
 
@@ -86,15 +87,24 @@ class Batch:
     keys: torch.Tensor  # (N,) sequence_key of each row, to look up reference log-probs
     desirable: torch.Tensor | None = None  # (B,) for unpaired
     kl: Batch | None = None  # mismatched pairs, scored without gradient
+    packed: Packed | None = None  # the same sequences packed, prompts shared (--packing)
 
     @property
     def real_tokens(self) -> int:
+        """Tokens of the sequences, as if each were its own row (padding and sharing aside)."""
         return int(self.attention_mask.sum())
+
+    def engine_inputs(self, device: torch.device | str) -> tuple[tuple[torch.Tensor, ...], dict]:
+        """(args, kwargs) of the model wrapper's forward for this batch, on `device`."""
+        args = tuple(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask))
+        return args, ({} if self.packed is None else {"packed": self.packed.to(device)})
 
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, kind: BatchKind,
-            size: int, desirable: list[bool] | None = None) -> Batch:
-    """Right-pad `sequences` into tensors; the response part of each is the scored part."""
+            size: int, desirable: list[bool] | None = None, packing: bool = False) -> Batch:
+    """Right-pad `sequences` into tensors; the response part of each is the scored part. With
+    `packing` the batch also carries them packed with prompts shared, where that saves work
+    (halos/train/packing.py)."""
     longest = max(len(p) + len(r) for p, r in sequences)
     n = len(sequences)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
@@ -107,20 +117,22 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, kind: Bat
         loss_mask[row, len(prompt) : length] = True
     keys = torch.tensor([sequence_key(p, r) for p, r in sequences], dtype=torch.long)
     flags = None if desirable is None else torch.tensor(desirable, dtype=torch.bool)
-    return Batch(kind, size, input_ids, attention_mask, loss_mask, keys, flags)
+    packed = pack_when_smaller(sequences, pad_id, longest) if packing else None
+    return Batch(kind, size, input_ids, attention_mask, loss_mask, keys, flags, packed=packed)
 
 
 def make_batch(examples: list[TokenizedExample], indices: list[int], kind: BatchKind, pad_id: int,
-               kl_completions: list[list[int]] | None = None) -> Batch:
+               kl_completions: list[list[int]] | None = None, packing: bool = False) -> Batch:
     chosen = [examples[i] for i in indices]
     if kind == "paired":
-        return collate(scored_sequences(chosen, "paired"), pad_id, kind, len(chosen))
+        return collate(scored_sequences(chosen, "paired"), pad_id, kind, len(chosen),
+                       packing=packing)
     assert all(isinstance(e, TokenizedCompletion) for e in chosen)
     batch = collate(scored_sequences(chosen, kind), pad_id, kind, len(chosen),
-                    desirable=[e.desirable for e in chosen])
+                    desirable=[e.desirable for e in chosen], packing=packing)
     if kl_completions is not None:
         kl_seqs = [(examples[i].prompt_ids, kl_completions[i]) for i in indices]
-        batch.kl = collate(kl_seqs, pad_id, kind, len(chosen))
+        batch.kl = collate(kl_seqs, pad_id, kind, len(chosen), packing=packing)
     return batch
 
 

@@ -26,6 +26,8 @@ class DataView:
     pad_id: int
     # The mismatched completion scored with each example's prompt (needs_kl_pairs losses).
     kl_completions: list[list[int]] | None = None
+    packing: bool = False  # batches carry their sequences packed, prompts shared
+
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -34,7 +36,8 @@ class DataView:
         return [example_length(e) for e in self.examples]
 
     def batch(self, indices: list[int]) -> Batch:
-        return make_batch(self.examples, indices, self.kind, self.pad_id, self.kl_completions)
+        return make_batch(self.examples, indices, self.kind, self.pad_id, self.kl_completions,
+                          self.packing)
 
     def labels(self) -> list[bool] | None:
         """Desirable flags of unpaired examples (None for pairs and SFT targets)."""
@@ -118,7 +121,7 @@ def load_view(cfg: TrainConfig, loss: AlignmentLoss, tokenizer, split: str,
         partners = kl_completions(examples, kl_partners(len(examples), cfg.seed), cfg.max_length)
         if limit:
             examples, partners = examples[:limit], partners[:limit]
-    return DataView(examples, kind, tokenizer.pad_token_id, partners)
+    return DataView(examples, kind, tokenizer.pad_token_id, partners, cfg.packing)
 
 
 def report_skips(what: str, tokenized: int, kept: int, truncated: int,

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from halos.config import ConfigError
+from halos.train.packing import Packed
 
 # What a model type's forward does to `lm_head(hidden)`: multiply by / divide by / softcap with
 # the named config field (see each model's `forward` in transformers).
@@ -180,11 +181,19 @@ def naive_sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
     return SequenceLogps(sums=(picked * scored).sum(-1), tokens=loss_mask[:, 1:].sum(-1))
 
 
-def backbone_hidden(causal_lm: nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
-    """The last hidden states (N, T, H) of a causal LM's decoder, without its LM head."""
-    return causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).last_hidden_state
+def backbone_hidden(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    packed: Packed | None = None) -> torch.Tensor:
+    """The last hidden states (N, T, H) of a causal LM's decoder, without its LM head. With
+    `packed`, the decoder runs over the packed rows and the states come back on the padded
+    (N, T) layout of `input_ids`."""
+    decoder = causal_lm.get_decoder()
+    if packed is None:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).last_hidden_state
+    bias = packed.attention_bias(next(decoder.parameters()).dtype)
+    hidden = decoder(input_ids=packed.input_ids, attention_mask=bias,
+                     position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    return packed.unpack(hidden)
 
 
 class CausalLMLogps(nn.Module):
@@ -203,9 +212,10 @@ class CausalLMLogps(nn.Module):
         logit_postprocessing(model.config)  # refuse an unknown one before any work
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                loss_mask: torch.Tensor, packed: Packed | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums (N,), token counts (N,)), or with `token_level` (grid (N, T-1), mask (N, T-1))."""
-        hidden = backbone_hidden(self.model, input_ids, attention_mask)  # (N, T, H)
+        hidden = backbone_hidden(self.model, input_ids, attention_mask, packed)  # (N, T, H)
         args = (hidden, input_ids, loss_mask, output_head(self.model), self.chunk_size)
         if self.token_level:
             return token_logps_from_hidden(*args)

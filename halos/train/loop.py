@@ -109,9 +109,8 @@ class Trainer:
         return self.loss(*score(batch))
 
     def _run(self, rows: Batch) -> tuple[torch.Tensor, ...]:
-        device = self.engine.device
-        return self.engine(rows.input_ids.to(device), rows.attention_mask.to(device),
-                           rows.loss_mask.to(device))
+        args, kwargs = rows.engine_inputs(self.engine.device)
+        return self.engine(*args, **kwargs)
 
     def _sequence_logps(self, batch: Batch) -> tuple[Logps, Logps | None]:
         """Per-sequence log-probs (and those of KL pairs, without gradient) of policy and

@@ -19,6 +19,7 @@ from halos.train.distributed import barrier, init_distributed
 from halos.train.logps import CausalLMLogps
 from halos.train.metrics import ProgressLines
 from halos.train.outdir import free_bytes, free_mb, raise_on_any_rank, write_failure
+from halos.train.packing import check_packing
 from halos.train.reference import model_identity, write_reference_file
 from halos.train.session import check_fits, claim_output
 
@@ -34,13 +35,14 @@ def reference_logps(cfg: TrainConfig) -> Path:
     ds = eng.deepspeed_config(cfg)
     model, tokenizer = eng.load_causal_lm(cfg.model, ds, attn_implementation=cfg.attn_implementation)
     check_fits(model, cfg)
+    if cfg.packing:
+        check_packing(model.config, cfg.attn_implementation, cfg.max_length)
     sequences = reference_sequences(cfg, tokenizer)
     raise_on_any_rank(_no_room(out, sequences) if rank == 0 else None)
     engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,
                               None)
 
-    # Longest first in fixed-size batches, dealt round-robin; all ranks run the same count.
-    order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
+    order = scoring_order(sequences, cfg.packing)
     size = cfg.micro_batch_size * 2
     chunks = [order[i : i + size] for i in range(0, len(order), size)]
     rounds = -(-len(chunks) // world)
@@ -50,10 +52,10 @@ def reference_logps(cfg: TrainConfig) -> Path:
         for r in range(rounds):
             i = r * world + rank
             indices = chunks[min(i, len(chunks) - 1)]
-            batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id, "sft", 0)
-            device = engine.device
-            grid, mask = engine(batch.input_ids.to(device), batch.attention_mask.to(device),
-                                batch.loss_mask.to(device))
+            batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id, "sft", 0,
+                            packing=cfg.packing)
+            args, kwargs = batch.engine_inputs(engine.device)
+            grid, mask = engine(*args, **kwargs)
             if i < len(chunks):
                 grid, mask = grid.float().cpu(), mask.cpu()
                 # The flat per-token log-probs are row after row, each row's in order.
@@ -66,6 +68,20 @@ def reference_logps(cfg: TrainConfig) -> Path:
     if lock is not None:
         lock.release()
     return out
+
+
+def scoring_order(sequences: list[tuple[list[int], list[int]]], packing: bool) -> list[int]:
+    """Longest first, for fixed-size batches dealt round-robin (all ranks run the same count);
+    with packing, the sequences of one prompt next to each other, so that batches share it."""
+    if not packing:
+        return sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(sequences):
+        groups.setdefault(tuple(prompt), []).append(i)
+    def unit_length(members: list[int]) -> int:
+        return len(sequences[members[0]][0]) + sum(len(sequences[i][1]) for i in members)
+    return [i for members in sorted(groups.values(), key=unit_length, reverse=True)
+            for i in members]
 
 
 def _no_room(out: Path, sequences: list[tuple[list[int], list[int]]]) -> str | None:

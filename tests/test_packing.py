@@ -1,0 +1,197 @@
+"""Packed, prompt-shared batches give the padded path's log-probs, values and gradients."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
+
+from halos.config import ConfigError
+from halos.data.types import TokenizedCompletion, TokenizedPair
+from halos.models.value_head import PolicyValueModel, ValueHeadModel
+from halos.train import packing
+from halos.train.batching import Batch, collate, make_batch
+from halos.train.logps import CausalLMLogps
+from halos.train.packing import check_packing, first_fit_decreasing, pack, shared_prompt_units
+from halos.train.reference_pass import scoring_order
+
+VOCAB, PAD = 61, 0
+
+
+@pytest.fixture(autouse=True)
+def always_pack(monkeypatch):
+    """Pack every batch, even one that packing would not make smaller."""
+    monkeypatch.setattr(packing, "MIN_SAVING", -1.0)
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, attn_implementation=attn)
+    return LlamaForCausalLM(config).double()
+
+
+def _ids(rng: torch.Generator, low: int, high: int) -> list[int]:
+    n = int(torch.randint(low, high + 1, (1,), generator=rng))
+    return torch.randint(1, VOCAB, (n,), generator=rng).tolist()
+
+
+def pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    rng = torch.Generator().manual_seed(seed)
+    return [TokenizedPair(str(i), _ids(rng, 3, 14), _ids(rng, 1, 9), _ids(rng, 1, 9))
+            for i in range(n)]
+
+
+def completions(n: int, seed: int = 0) -> list[TokenizedCompletion]:
+    rng = torch.Generator().manual_seed(seed)
+    return [TokenizedCompletion(str(i), _ids(rng, 2, 12), _ids(rng, 1, 10), i % 3 != 0)
+            for i in range(n)]
+
+
+def batches(kind: str, seed: int = 0) -> list[Batch]:
+    """The padded and the packed batch of the same examples, as the trainer builds them."""
+    if kind == "paired":
+        examples = pairs(5, seed)
+        return [make_batch(examples, [4, 0, 2], "paired", PAD, packing=p) for p in (False, True)]
+    examples = completions(6, seed)
+    if kind == "sft":
+        return [make_batch(examples, [1, 3, 5, 0], "sft", PAD, packing=p) for p in (False, True)]
+    partners = [examples[(i + 1) % 6].completion_ids for i in range(6)]
+    return [make_batch(examples, [5, 2, 3], "unpaired", PAD, partners, packing=p)
+            for p in (False, True)]
+
+
+def outputs_and_grads(module: torch.nn.Module, batch: Batch) -> tuple[list[torch.Tensor], list]:
+    """Every output of the wrapper on `batch` (and its KL batch, without gradient), and the
+    gradients of a fixed random weighting of the differentiable ones."""
+    module.zero_grad()
+    args, kwargs = batch.engine_inputs("cpu")
+    outs = list(module(*args, **kwargs))
+    if len(outs) == 3:  # (log-probs, mask, values): values count where a token is scored (GAE)
+        outs[2] = outs[2] * outs[1]
+    if batch.kl is not None:
+        with torch.no_grad():
+            kl_args, kl_kwargs = batch.kl.engine_inputs("cpu")
+            outs += list(module(*kl_args, **kl_kwargs))
+    generator = torch.Generator().manual_seed(7)
+    total = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum()
+                for o in outs if o.requires_grad)
+    total.backward()
+    return [o.detach() for o in outs], [p.grad.clone() for p in module.parameters()
+                                        if p.grad is not None]
+
+
+def assert_same(padded: Batch, packed: Batch, module: torch.nn.Module) -> None:
+    want_outs, want_grads = outputs_and_grads(module, padded)
+    got_outs, got_grads = outputs_and_grads(module, packed)
+    assert len(want_grads) == len(got_grads) > 0
+    for want, got in zip(want_outs + want_grads, got_outs + got_grads, strict=True):
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["paired", "unpaired", "sft"])
+@pytest.mark.parametrize("token_level", [False, True])
+def test_packed_log_probs_and_gradients_equal_padded(attn, kind, token_level):
+    padded, packed = batches(kind)
+    assert packed.packed is not None and padded.packed is None
+    assert torch.equal(packed.input_ids, padded.input_ids)
+    module = CausalLMLogps(tiny_llama(attn), chunk_size=7, token_level=token_level)
+    assert_same(padded, packed, module)
+
+
+@pytest.mark.parametrize("wrapper", [ValueHeadModel, PolicyValueModel])
+def test_packed_value_heads_equal_padded(wrapper):
+    padded, packed = batches("paired")
+    module = wrapper(tiny_llama()).double()
+    if isinstance(module, PolicyValueModel):
+        module.chunk_size = 7
+    assert_same(padded, packed, module)
+
+
+def test_a_batch_is_packed_only_where_that_saves_positions(monkeypatch):
+    monkeypatch.setattr(packing, "MIN_SAVING", 0.1)
+    similar = [([1, 2, 3], [4, 5, 6]), ([7, 8], [9, 10, 11, 12])]  # nothing to share or fill
+    assert collate(similar, PAD, "sft", 0, packing=True).packed is None
+    assert make_batch(pairs(3), [0, 1, 2], "paired", PAD, packing=True).packed is not None
+
+
+def test_pairs_compute_each_prompt_once():
+    examples = pairs(5)
+    packed = make_batch(examples, [0, 1, 2, 3, 4], "paired", PAD, packing=True)
+    total = sum(len(e.prompt_ids) * 2 + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    assert packed.real_tokens == total  # the sequences' tokens, as if padded
+    assert packed.packed.tokens == total - sum(len(e.prompt_ids) for e in examples)
+    assert packed.packed.input_ids.numel() < packed.input_ids.numel()
+
+
+def test_branches_continue_positions_from_the_prompt_and_never_see_each_other():
+    prompt, chosen, rejected = [5, 6, 7], [8, 9], [10, 11, 12]
+    packed = pack([(prompt, chosen), (prompt, rejected)], PAD, padded_length=6)
+    assert packed.input_ids.tolist() == [prompt + chosen + rejected]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert packed.branch_ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
+    visible = packed.attention_bias(torch.float32)[0, 0] == 0
+    assert visible[5].tolist() == [True, True, True, False, False, True, False, False]
+    assert visible[4].tolist() == [True, True, True, True, True, False, False, False]
+    # Row 1 (the rejected sequence) reads the shared prompt, then its own tokens.
+    assert packed.unpack_index[1].tolist() == [0, 1, 2, 5, 6, 7]
+
+
+def test_units_group_by_prompt_and_bins_fit_the_longest_unit():
+    units = shared_prompt_units([([1, 2], [3]), ([], [4]), ([1, 2], [5, 6]), ([], [7]), ([9], [8])])
+    assert [(u.prompt, u.responses, u.rows) for u in units] == [
+        ([1, 2], [[3], [5, 6]], [0, 2]), ([], [[4]], [1]), ([], [[7]], [3]), ([9], [[8]], [4])]
+    assert first_fit_decreasing([5, 1, 1, 2], capacity=5) == [[0], [3, 1, 2]]
+    assert first_fit_decreasing([3, 3, 3], capacity=3) == [[0], [1], [2]]
+
+
+def test_reference_pass_scores_the_sequences_of_one_prompt_together():
+    sequences = [([1], [2, 2]), ([3, 3, 3], [4]), ([1], [5]), ([3, 3, 3], [6, 6])]
+    assert scoring_order(sequences, packing=False) == [3, 1, 0, 2]
+    assert scoring_order(sequences, packing=True) == [1, 3, 0, 2]
+
+
+def test_reference_batches_share_prompts_and_give_the_padded_grid():
+    sequences = [(e.prompt_ids, r) for e in pairs(4, seed=3)
+                 for r in (e.chosen_ids, e.rejected_ids)]
+    padded, packed = (collate(sequences, PAD, "sft", 0, packing=p) for p in (False, True))
+    module = CausalLMLogps(tiny_llama(), chunk_size=5, token_level=True)
+    assert packed.packed.tokens < padded.real_tokens
+    with torch.no_grad():
+        want = module(*padded.engine_inputs("cpu")[0])
+        args, kwargs = packed.engine_inputs("cpu")
+        got = module(*args, **kwargs)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+    assert torch.equal(got[1], want[1])
+
+
+def test_packing_refuses_what_the_mask_cannot_express():
+    with pytest.raises(ConfigError, match="flash-attention-2"):
+        check_packing(LlamaConfig(), "flash_attention_2", 512)
+    with pytest.raises(ConfigError, match="sliding-window"):
+        check_packing(MistralConfig(sliding_window=256), "sdpa", 512)
+    check_packing(MistralConfig(sliding_window=4096), "sdpa", 512)
+    check_packing(LlamaConfig(), "eager", 512)
+
+
+@pytest.mark.slow
+def test_packed_equals_padded_under_zero3_with_two_processes(tmp_path: Path):
+    """Two ranks, ZeRO-3 partitioned fp64 parameters: each rank's packed outputs equal its padded
+    ones, and the reduced full gradients too (tests/packing_zero3_worker.py)."""
+    worker = Path(__file__).with_name("packing_zero3_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        report = (tmp_path / f"rank{rank}.txt").read_text()
+        assert report.split() == ["paired:ok", "unpaired:ok", "tokens:ok"], report
