@@ -195,3 +195,15 @@ def test_packed_equals_padded_under_zero3_with_two_processes(tmp_path: Path):
     for rank in (0, 1):
         report = (tmp_path / f"rank{rank}.txt").read_text()
         assert report.split() == ["paired:ok", "unpaired:ok", "tokens:ok"], report
+
+
+def test_every_command_checks_packing_where_it_checks_the_length():
+    from halos.config import TrainConfig
+    from halos.train.session import check_fits
+
+    cfg = TrainConfig(model="m", data="d", out="o", packing=True,
+                      attn_implementation="flash_attention_2")
+    with pytest.raises(ConfigError, match="--packing needs --attn-implementation sdpa or eager"):
+        check_fits(tiny_llama(), cfg)
+    cfg.attn_implementation = "sdpa"
+    check_fits(tiny_llama(), cfg)

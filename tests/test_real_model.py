@@ -165,14 +165,15 @@ def test_sft_dpo_kto_through_the_cli(smollm2_sft: Path, chat_data: Path, tmp_pat
 @pytest.mark.slow
 def test_ref_logps_equal_trl_and_zero3(smollm2_dir: Path, chat_data: Path, tmp_path: Path) -> None:
     """`halos ref-logps` = TRL 1.16's precomputed reference log-probs for the same token ids
-    (fp32), and a 2-process ZeRO-3 run writes the same file."""
+    (fp32), and a 2-process ZeRO-3 run with --packing (prompts shared, rows packed) writes the
+    same file."""
     single, sharded = tmp_path / "single.pt", tmp_path / "zero3.pt"
     views = ("--ref-views", "paired", "--ref-splits", "train")
     run_halos("ref-logps", "--model", smollm2_dir, "--data", chat_data, "--out", single, *SMALL,
               *views)
     zero3 = [a if a != "zero0" else "zero3" for a in SMALL]
     run_halos("ref-logps", "--model", smollm2_dir, "--data", chat_data, "--out", sharded, *zero3,
-              *views, launcher=TORCHRUN)
+              *views, "--packing", launcher=TORCHRUN)
     ours, theirs = torch.load(single), torch.load(sharded)
     assert torch.equal(ours["keys"], theirs["keys"]) and torch.equal(ours["tokens"], theirs["tokens"])
     torch.testing.assert_close(ours["sums"], theirs["sums"], atol=1e-3, rtol=1e-5)
@@ -324,6 +325,8 @@ def test_small_suite_imports_the_model_once(tmp_path: Path) -> None:
         "--out models/smollm2-135m")
     sft = hs.sft_args(suite, "smollm2-135m", "synthetic-small")
     assert "--model models/smollm2-135m " in sft and "--attn-implementation sdpa" in sft
+    assert "--packing" in sft and "--packing" in hs.ref_args(suite, "smollm2-135m",
+                                                            "synthetic-small", base=False)
     n = count(dry_run(tmp_path, "--config", f"suite={REPO / 'configs/suites/small.yaml'}"))
     assert n["import_model"] == 1 and "tiny_model" not in n
     assert n["sft"] == 1 and n["align"] == 6 and n["ref_logps"] == n["ref_logps_base"] == 1

@@ -19,7 +19,6 @@ from halos.train.distributed import barrier, init_distributed
 from halos.train.logps import CausalLMLogps
 from halos.train.metrics import ProgressLines
 from halos.train.outdir import free_bytes, free_mb, raise_on_any_rank, write_failure
-from halos.train.packing import check_packing
 from halos.train.reference import model_identity, write_reference_file
 from halos.train.session import check_fits, claim_output
 
@@ -35,8 +34,6 @@ def reference_logps(cfg: TrainConfig) -> Path:
     ds = eng.deepspeed_config(cfg)
     model, tokenizer = eng.load_causal_lm(cfg.model, ds, attn_implementation=cfg.attn_implementation)
     check_fits(model, cfg)
-    if cfg.packing:
-        check_packing(model.config, cfg.attn_implementation, cfg.max_length)
     sequences = reference_sequences(cfg, tokenizer)
     raise_on_any_rank(_no_room(out, sequences) if rank == 0 else None)
     engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,

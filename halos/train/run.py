@@ -21,7 +21,6 @@ from halos.train.checkpoints import consolidated_state_dict
 from halos.train.dataview import DataView, load_view
 from halos.train.logps import CausalLMLogps
 from halos.train.loop import Trainer
-from halos.train.packing import check_packing
 from halos.train.reference import ReferenceLogps
 from halos.train.session import check_fits, check_space, finish_run, open_logger, start_run
 
@@ -34,8 +33,6 @@ def train(cfg: TrainConfig) -> Path:
                                            attn_implementation=cfg.attn_implementation,
                                            chat_template=cfg.chat_template)
     check_fits(model, cfg)
-    if cfg.packing:
-        check_packing(model.config, cfg.attn_implementation, cfg.max_length)
     check_space(model, session.out, session.rank)
     train_data = load_view(cfg, loss, tokenizer, "train")
     held_out = load_view(cfg, loss, tokenizer, "test") if cfg.eval_examples else None

@@ -29,6 +29,7 @@ from halos.train.outdir import (
     raise_on_any_rank,
     remove_stale_temporaries,
 )
+from halos.train.packing import check_packing
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,16 @@ def finish_run(cfg: TrainConfig, session: Session, logger: MetricsLogger) -> Non
 
 def check_fits(model: torch.nn.Module, cfg: TrainConfig, length: int | None = None,
                what: str | None = None) -> None:
-    """The longest sequence a command builds (default --max-length) must fit the model."""
+    """The longest sequence a command builds (default --max-length) must fit the model, and
+    --packing must be something its attention can express."""
     limit = getattr(model.config, "max_position_embeddings", None)
     length = cfg.max_length if length is None else length
     what = what or f"--max-length {cfg.max_length}"
     if limit is not None and length > limit:
         raise ConfigError(f"{what} exceeds what {cfg.model} supports "
                           f"(max_position_embeddings = {limit}); lower it")
+    if cfg.packing:
+        check_packing(model.config, cfg.attn_implementation, length)
 
 
 def seed_everything(seed: int) -> None:
