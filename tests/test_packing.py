@@ -66,35 +66,45 @@ def batches(kind: str, seed: int = 0) -> list[Batch]:
             for p in (False, True)]
 
 
-def outputs_and_grads(module: torch.nn.Module, batch: Batch) -> tuple[list[torch.Tensor], list]:
-    """Every output of the wrapper on `batch` (and its KL batch, without gradient), and the
-    gradients of a fixed random weighting of the differentiable ones."""
-    module.zero_grad()
-    args, kwargs = batch.engine_inputs("cpu")
-    outs = list(module(*args, **kwargs))
+def weighted_outputs(forward, batch: Batch, device="cpu") -> tuple[list[torch.Tensor],
+                                                                   torch.Tensor]:
+    """Every output of `forward` (a wrapper or its DeepSpeed engine) on `batch` and its KL batch
+    (without gradient), and a fixed random weighting of the differentiable ones to backpropagate."""
+    args, kwargs = batch.engine_inputs(device)
+    outs = list(forward(*args, **kwargs))
     if len(outs) == 3:  # (log-probs, mask, values): values count where a token is scored (GAE)
         outs[2] = outs[2] * outs[1]
     if batch.kl is not None:
         with torch.no_grad():
-            kl_args, kl_kwargs = batch.kl.engine_inputs("cpu")
-            outs += list(module(*kl_args, **kl_kwargs))
+            kl_args, kl_kwargs = batch.kl.engine_inputs(device)
+            outs += list(forward(*kl_args, **kl_kwargs))
     generator = torch.Generator().manual_seed(7)
     total = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum()
                 for o in outs if o.requires_grad)
+    return [o.detach() for o in outs], total
+
+
+def assert_all_equal(want: list[torch.Tensor], got: list[torch.Tensor]) -> None:
+    """Floating tensors within 1e-5, integer and boolean ones exactly."""
+    for w, g in zip(want, got, strict=True):
+        if w.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(g, w)
+
+
+def outputs_and_grads(module: torch.nn.Module, batch: Batch) -> tuple[list[torch.Tensor], list]:
+    module.zero_grad()
+    outs, total = weighted_outputs(module, batch)
     total.backward()
-    return [o.detach() for o in outs], [p.grad.clone() for p in module.parameters()
-                                        if p.grad is not None]
+    return outs, [p.grad.clone() for p in module.parameters() if p.grad is not None]
 
 
 def assert_same(padded: Batch, packed: Batch, module: torch.nn.Module) -> None:
     want_outs, want_grads = outputs_and_grads(module, padded)
     got_outs, got_grads = outputs_and_grads(module, packed)
     assert len(want_grads) == len(got_grads) > 0
-    for want, got in zip(want_outs + want_grads, got_outs + got_grads, strict=True):
-        if want.is_floating_point():
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        else:
-            assert torch.equal(got, want)
+    assert_all_equal(want_outs + want_grads, got_outs + got_grads)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -28,7 +28,6 @@ class DataView:
     kl_completions: list[list[int]] | None = None
     packing: bool = False  # batches carry their sequences packed, prompts shared
 
-
     def __len__(self) -> int:
         return len(self.examples)
 

@@ -115,22 +115,34 @@ MIN_SAVING = 0.1
 
 def pack_when_smaller(sequences: list[Sequence], pad_id: int, padded_length: int
                       ) -> Packed | None:
-    """`pack`, or None where the packed rows would not save MIN_SAVING of the padded ones."""
-    packed = pack(sequences, pad_id, padded_length)
-    padded_positions = len(sequences) * padded_length
-    return packed if packed.input_ids.numel() <= (1 - MIN_SAVING) * padded_positions else None
+    """`pack`, or None where the packed rows would not save MIN_SAVING of the padded ones (decided
+    from the layout, before any tensor is filled)."""
+    units, rows, length = _layout(sequences)
+    if len(rows) * length > (1 - MIN_SAVING) * len(sequences) * padded_length:
+        return None
+    return _fill(units, rows, length, pad_id, padded_length)
 
 
 def pack(sequences: list[Sequence], pad_id: int, padded_length: int) -> Packed:
     """Share prompts and pack the `sequences` of a microbatch padded to `padded_length`."""
+    return _fill(*_layout(sequences), pad_id, padded_length)
+
+
+def _layout(sequences: list[Sequence]) -> tuple[list[Unit], list[list[int]], int]:
+    """The units, the units of each packed row, and the rows' length."""
     units = shared_prompt_units(sequences)
     rows = first_fit_decreasing([len(u) for u in units], max(len(u) for u in units))
-    length = max(sum(len(units[u]) for u in row) for row in rows)
+    return units, rows, max(sum(len(units[u]) for u in row) for row in rows)
+
+
+def _fill(units: list[Unit], rows: list[list[int]], length: int, pad_id: int,
+          padded_length: int) -> Packed:
+    sequences = sum(len(u.rows) for u in units)
     shape = (len(rows), length)
     packed = Packed(torch.full(shape, pad_id, dtype=torch.long),
                     torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long),
                     torch.zeros(shape, dtype=torch.long),
-                    torch.zeros((len(sequences), padded_length), dtype=torch.long))
+                    torch.zeros((sequences, padded_length), dtype=torch.long))
     for r, row in enumerate(rows):
         offset = 0
         for u in row:

@@ -19,6 +19,7 @@ from halos.train.distributed import barrier, init_distributed
 from halos.train.logps import CausalLMLogps
 from halos.train.metrics import ProgressLines
 from halos.train.outdir import free_bytes, free_mb, raise_on_any_rank, write_failure
+from halos.train.packing import shared_prompt_units
 from halos.train.reference import model_identity, write_reference_file
 from halos.train.session import check_fits, claim_output
 
@@ -72,13 +73,8 @@ def scoring_order(sequences: list[tuple[list[int], list[int]]], packing: bool) -
     with packing, the sequences of one prompt next to each other, so that batches share it."""
     if not packing:
         return sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (prompt, _) in enumerate(sequences):
-        groups.setdefault(tuple(prompt), []).append(i)
-    def unit_length(members: list[int]) -> int:
-        return len(sequences[members[0]][0]) + sum(len(sequences[i][1]) for i in members)
-    return [i for members in sorted(groups.values(), key=unit_length, reverse=True)
-            for i in members]
+    units = sorted(shared_prompt_units(sequences), key=len, reverse=True)
+    return [row for unit in units for row in unit.rows]
 
 
 def _no_room(out: Path, sequences: list[tuple[list[int], list[int]]]) -> str | None:
