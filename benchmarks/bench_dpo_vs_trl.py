@@ -2,10 +2,10 @@
 batch, on this machine.
 
 `--loss ipo` / `--loss robust` train DPOTrainer's loss_type of that name (beta 0.1, rDPO's label
-noise 0.2) against halos' `align --loss ipo|robust`. `--loss kto` trains KTO instead of DPO on the same pairs, unpaired as halos unpairs them (each
-pair's chosen half desirable, rejected half undesirable): halos `align --loss kto` (its reference
-pass scores the completions and their KL partners) against TRL `KTOTrainer` given the same token
-ids (`prompt_ids` / `completion_ids` / `label`, TRL's own KL partners: completions rotated by one
+noise 0.2) against halos' `align --loss ipo|robust`. `--loss kto` trains KTO instead of DPO on
+the same pairs, unpaired as halos unpairs them (each pair's chosen half desirable, rejected half
+undesirable): halos `align --loss kto` (its reference pass scores the completions and their KL
+partners) against TRL `KTOTrainer` given the same token ids (`prompt_ids` / `completion_ids` / `label`, TRL's own KL partners: completions rotated by one
 within each batch). T is then the tokens of the trained (prompt, completion) sequences; the KL
 sequences are extra work for every configuration (a forward without gradient in the policy, one
 in the reference), counted in the FLOPs. `--model smollm2` runs SmolLM2-135M-Instruct (PyPI's
@@ -89,8 +89,11 @@ import time
 from pathlib import Path
 
 CONFIGS = ("halos", "halos-nobucket", "halos-packed", "trl-default", "trl-precompute")
-# Each loss: halos' --loss and TRL's trainer settings for the same objective (beta 0.1; rDPO's
-# label noise 0.2, halos' default; IPO's tau is TRL's beta). KTO is the one unpaired loss.
+# Each loss's hyperparameters in halos (`align --loss NAME --PARAM VALUE`, a losses-table row's
+# `params`) and TRL's trainer settings for the same objective: beta 0.1, rDPO's label noise 0.2,
+# IPO's tau (TRL's beta) 0.1. KTO is the one unpaired loss.
+HALOS_PARAMS = {"dpo": {"beta": 0.1}, "ipo": {"tau": 0.1},
+                "robust": {"beta": 0.1, "label_smoothing": 0.2}, "kto": {"beta": 0.1}}
 TRL_SETTINGS = {"dpo": {"loss_type": ["sigmoid"], "beta": 0.1},
                 "ipo": {"loss_type": ["ipo"], "beta": 0.1},
                 "robust": {"loss_type": ["robust"], "beta": 0.1, "label_smoothing": 0.2},
@@ -235,18 +238,25 @@ def _halos_worker(args, bucketing: bool, packing: bool = False) -> dict:
     subprocess.run([*halos, "ref-logps", *common, "--out", str(ref), "--ref-views", view,
                     "--ref-splits", "train"], check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
-    subprocess.run([*halos, "align", "--loss", args.loss, *common, "--ref-logps", str(ref),
+    params = [arg for name, value in HALOS_PARAMS[args.loss].items()
+              for arg in (f"--{name.replace('_', '-')}", str(value))]
+    subprocess.run([*halos, "align", "--loss", args.loss, *params, *common, "--ref-logps", str(ref),
                     "--out", str(run / "align"), "--learning-rate", str(LR), "--epochs", "1",
                     "--no-progress", "--log-every", "1", "--seed", str(SEED),
                     "--length-bucketing" if bucketing else "--no-length-bucketing"],
                    check=True, stdout=subprocess.DEVNULL)
     t2 = time.perf_counter()
-    rows = [json.loads(line) for line in (run / "align" / "metrics.jsonl").open()]
-    train = [r for r in rows if r["split"] == "train"]
+    train = train_rows(run / "align" / "metrics.jsonl")
     return {"e2e_s": t2 - t0, "ref_s": t1 - t0, "align_s": t2 - t1, "train_s": train[-1]["time"],
             "tokens_counted": sum(r["tokens"] for r in train), "steps": len(train),
             "mean_loss": statistics.fmean(r["loss"] for r in train),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def train_rows(metrics: Path) -> list[dict]:
+    """The train rows of a halos run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.open()]
+    return [r for r in rows if r["split"] == "train"]
 
 
 def trl_dataset(args):

@@ -41,8 +41,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ROW, DATA_ROW = "bench-model", "bench-data"
-HALOS_PARAMS = {"dpo": {"beta": 0.1}, "ipo": {"tau": 0.1},
-                "robust": {"beta": 0.1, "label_smoothing": 0.2}, "kto": {"beta": 0.1}}
 
 
 def write_suite(work: Path, model_dir: Path, data: Path, losses: list[str], max_length: int,
@@ -60,7 +58,7 @@ def write_suite(work: Path, model_dir: Path, data: Path, losses: list[str], max_
                            "max_length": max_length, "max_prompt_length": max_prompt,
                            "eval_examples": 0}}
     rows = {loss: {"class": loss, "from_sft": False, "batch_size": bench.MICRO_BATCH,
-                   "learning_rate": bench.LR, "epochs": 1, "params": HALOS_PARAMS[loss]}
+                   "learning_rate": bench.LR, "epochs": 1, "params": bench.HALOS_PARAMS[loss]}
             for loss in losses}
     tables = {"models": models, "datasets": datasets, "losses": rows}
     for name, table in tables.items():
@@ -98,18 +96,13 @@ def run_halos_suite(work: Path, suite_file: Path, losses: list[str]) -> dict:
     # ends it where the job read the tokenization cache instead of tokenizing.
     counts = [line for log in (dag / "logs").rglob("*.log") for line in log.read_text().splitlines()
               if line.startswith("[halos] ") and ": tokenized " in line]
-    losses_of = {loss: mean_train_loss(dag / layout.run(MODEL_ROW, DATA_ROW, loss) / "metrics.jsonl")
-                 for loss in losses}
+    losses_of = {loss: statistics.fmean(r["loss"] for r in bench.train_rows(
+        dag / layout.run(MODEL_ROW, DATA_ROW, loss) / "metrics.jsonl")) for loss in losses}
     return {"wall_s": wall, "jobs": jobs, "peak_rss_mb": max(j["max_rss_mb"] for j in jobs.values()),
             "reference_passes": sum("ref_logps" in name for name in jobs),
             "tokenizations": sum("(read from " not in line for line in counts),
             "tokenization_cache_reads": sum("(read from " in line for line in counts),
             "mean_loss": losses_of}
-
-
-def mean_train_loss(metrics: Path) -> float:
-    rows = [json.loads(line) for line in metrics.open()]
-    return statistics.fmean(r["loss"] for r in rows if r["split"] == "train")
 
 
 def run_trl(work: Path, data: Path, model_dir: Path, losses: list[str], args) -> dict:
@@ -155,9 +148,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/suite_vs_trl.json")
     args = parser.parse_args()
     args.loss_list = [loss for loss in args.losses.split(",") if loss]
-    unknown = sorted(set(args.loss_list) - set(HALOS_PARAMS))
+    unknown = sorted(set(args.loss_list) - set(bench.LOSSES))
     if unknown:
-        parser.error(f"--losses: unknown {unknown}; choose from {sorted(HALOS_PARAMS)}")
+        parser.error(f"--losses: unknown {unknown}; choose from {sorted(bench.LOSSES)}")
     args.max_length, args.max_prompt_length = bench.LENGTHS[args.model]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_suite_"))
     data, model_dir = bench.prepare(work, args.pairs, args.model)
