@@ -22,6 +22,12 @@ DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
 
 def outputs_and_grads(batch, token_level: bool) -> list[torch.Tensor]:
     module = CausalLMLogps(tiny_llama(), chunk_size=3, token_level=token_level)
+    # Partition the fp64 parameters here: left to deepspeed.initialize, DeepSpeed 0.19's
+    # zero.Init takes the parameters' dtype as the dtype of *new* tensors and asserts it is
+    # half/bf16/float on a CPU whose oneDNN has fp16 (AVX512-FP16), though existing parameters
+    # are never cast (partition_parameters.py, _set_dtype and its assertion).
+    deepspeed.zero.Init(module=module, config_dict_or_path=DS, dtype=torch.float32)
+    assert all(p.dtype == torch.float64 for p in module.parameters())
     optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=DS)
     outs, total = weighted_outputs(engine, batch, engine.device)

@@ -5,7 +5,10 @@ response tokens, so we gather the hidden states whose *next* token is scored (M 
 and apply the LM head to those alone, in chunks of `chunk_size` rows. Each chunk runs under
 activation checkpointing: only its (chunk, V) logits exist at any moment, in the forward and in
 the recomputation during backward. On a CPU the vocabulary softmax dominates the cost of a step,
-so skipping prompt and padding positions is the main speed-up, not a detail.
+so skipping prompt and padding positions is the main speed-up, not a detail; and the softmax's
+backward is written by hand (`_TargetLogSoftmax`): it turns the recomputed logits into their own
+gradient g·(onehot − softmax) in place, three passes over the (chunk, V) tensor instead of the
+eight or so of autograd's logsumexp and gather backward with their fresh temporaries.
 
 Some architectures change the LM head's output before the softmax (Gemma-2's final logit
 softcapping, Cohere's `logit_scale`, Granite's `logits_scaling`); `output_head` applies exactly
@@ -55,8 +58,29 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class _TargetLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[target] per row, whose backward overwrites the saved logits z with
+    d/dz = g·(onehot(target) − exp(z − lse)): under checkpointing those logits are the chunk's
+    recomputed ones, which nothing else reads afterwards (the head's backward needs its inputs)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, log_normalizer)
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, log_normalizer = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        grad_logits = logits.sub_(log_normalizer.unsqueeze(-1)).exp_().mul_(-grad)
+        return grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad), None
+
+
 def _target_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     logits = _at_least_fp32(head(hidden))  # (chunk, V)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TargetLogSoftmax.apply(logits, targets)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
