@@ -2,13 +2,16 @@
 
 A causal LM scores token t with the hidden state at t-1. Preference and SFT losses only use the
 response tokens, so we gather the hidden states whose *next* token is scored (M of them, M ≪ B·T)
-and apply the LM head to those alone, in chunks of `chunk_size` rows. Each chunk runs under
-activation checkpointing: only its (chunk, V) logits exist at any moment, in the forward and in
-the recomputation during backward. On a CPU the vocabulary softmax dominates the cost of a step,
-so skipping prompt and padding positions is the main speed-up, not a detail; and the softmax's
-backward is written by hand (`_TargetLogSoftmax`): it turns the recomputed logits into their own
-gradient g·(onehot − softmax) in place, three passes over the (chunk, V) tensor instead of the
-eight or so of autograd's logsumexp and gather backward with their fresh temporaries.
+and apply the LM head to those alone, in chunks of `chunk_size` rows. When the scored positions
+fill several chunks, each runs under activation checkpointing: only its (chunk, V) logits exist
+at any moment, in the forward and in the recomputation during backward. A single chunk keeps its
+logits for backward instead: they live no longer than the backbone's own saved activations, so
+the step's peak is the same and the head's forward is not run twice. On a CPU the vocabulary
+softmax dominates the cost of a step, so skipping prompt and padding positions is the main
+speed-up, not a detail; and the softmax's backward is written by hand (`_TargetLogSoftmax`): it
+turns the logits into their own gradient g·(onehot − softmax) in place, three passes over the
+(chunk, V) tensor instead of the eight or so of autograd's logsumexp and gather backward with
+their fresh temporaries.
 
 Some architectures change the LM head's output before the softmax (Gemma-2's final logit
 softcapping, Cohere's `logit_scale`, Granite's `logits_scaling`); `output_head` applies exactly
@@ -60,8 +63,8 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 class _TargetLogSoftmax(torch.autograd.Function):
     """log_softmax(logits)[target] per row, whose backward overwrites the saved logits z with
-    d/dz = g·(onehot(target) − exp(z − lse)): under checkpointing those logits are the chunk's
-    recomputed ones, which nothing else reads afterwards (the head's backward needs its inputs)."""
+    d/dz = g·(onehot(target) − exp(z − lse)): nothing else reads them afterwards (the head's
+    backward needs its inputs, not its output)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,9 +156,11 @@ def chunked_target_logps(
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for each row of `hidden` (M, H), via `head` in chunks."""
     pieces = []
-    for start in chunk_starts(hidden.shape[0], chunk_size, head):
+    starts = chunk_starts(hidden.shape[0], chunk_size, head)  # the same count on every rank
+    recompute = len(starts) > 1
+    for start in starts:
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and recompute:
             pieces.append(checkpoint(_target_logps, h, t, head, use_reentrant=False))
         else:
             pieces.append(_target_logps(h, t, head))

@@ -116,11 +116,11 @@ class Trainer:
         """Per-sequence log-probs (and those of KL pairs, without gradient) of policy and
         reference."""
         device = self.engine.device
-        sums, counts = self._run(batch)
         kl_sums = kl_counts = None
-        if batch.kl is not None:
+        if batch.kl is not None:  # first: while nothing of the policy's forward is held
             with torch.no_grad():
                 kl_sums, kl_counts = self._run(batch.kl)
+        sums, counts = self._run(batch)
         average = self.loss.average_logps
         policy = pack_logps(batch, sums, counts, average, kl_sums, kl_counts)
         reference = None
