@@ -21,6 +21,8 @@ times; the table reports medians):
 - ``halos-nobucket``   the same with `--no-length-bucketing`;
 - ``halos-packed``     the same as ``halos`` with `--packing` in both commands: each microbatch's
                        sequences packed into fewer rows, a pair's prompt computed once;
+- ``halos-inrun``      `halos align --packing` alone, given no `--ref-logps`: it scores the
+                       reference in the same process before its first step (one start-up);
 - ``trl-default``      TRL `DPOTrainer`, defaults: the reference model runs every step;
 - ``trl-precompute``   TRL with `precompute_ref_log_probs=True` (computed inside `__init__`).
 
@@ -88,7 +90,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("halos", "halos-nobucket", "halos-packed", "trl-default", "trl-precompute")
+CONFIGS = ("halos", "halos-nobucket", "halos-packed", "halos-inrun", "trl-default",
+           "trl-precompute")
+PACKED = ("halos-packed", "halos-inrun")  # the same rows and work; two processes or one
 # Each loss's hyperparameters in halos (`align --loss NAME --PARAM VALUE`, a losses-table row's
 # `params`) and TRL's trainer settings for the same objective: beta 0.1, rDPO's label noise 0.2,
 # IPO's tau (TRL's beta) 0.1. KTO is the one unpaired loss.
@@ -222,8 +226,9 @@ def tokenized_examples(data: Path, model_dir: Path, loss: str, max_length: int,
 
 
 # ----------------------------------------------------------------------------- workers
-def _halos_worker(args, bucketing: bool, packing: bool = False) -> dict:
-    """Runs the two halos commands as child processes; imports nothing heavy itself."""
+def _halos_worker(args, bucketing: bool, packing: bool = False, in_run: bool = False) -> dict:
+    """Runs the two halos commands as child processes (with `in_run`, align alone, scoring its
+    reference itself); imports nothing heavy itself."""
     run = Path(args.run_dir)
     common = ["--model", args.model_dir, "--data", args.data, "--micro-batch-size", str(MICRO_BATCH),
               "--deepspeed", "zero0", "--max-length", str(args.max_length), "--max-prompt-length",
@@ -235,12 +240,14 @@ def _halos_worker(args, bucketing: bool, packing: bool = False) -> dict:
     # Only what the loss trains on: the train split's pairs, or its unpaired halves with their KL
     # partners (TRL's precompute scores exactly those too).
     view = "unpaired" if args.loss == "kto" else "paired"
-    subprocess.run([*halos, "ref-logps", *common, "--out", str(ref), "--ref-views", view,
-                    "--ref-splits", "train"], check=True, stdout=subprocess.DEVNULL)
+    if not in_run:
+        subprocess.run([*halos, "ref-logps", *common, "--out", str(ref), "--ref-views", view,
+                        "--ref-splits", "train"], check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
     params = [arg for name, value in HALOS_PARAMS[args.loss].items()
               for arg in (f"--{name.replace('_', '-')}", str(value))]
-    subprocess.run([*halos, "align", "--loss", args.loss, *params, *common, "--ref-logps", str(ref),
+    reference = [] if in_run else ["--ref-logps", str(ref)]
+    subprocess.run([*halos, "align", "--loss", args.loss, *params, *common, *reference,
                     "--out", str(run / "align"), "--learning-rate", str(LR), "--epochs", "1",
                     "--no-progress", "--log-every", "1", "--seed", str(SEED),
                     "--length-bucketing" if bucketing else "--no-length-bucketing"],
@@ -357,6 +364,7 @@ def worker(args) -> None:
     fn = {"halos": lambda: _halos_worker(args, True),
           "halos-nobucket": lambda: _halos_worker(args, False),
           "halos-packed": lambda: _halos_worker(args, True, packing=True),
+          "halos-inrun": lambda: _halos_worker(args, True, packing=True, in_run=True),
           "trl-default": lambda: _trl_worker(args, False),
           "trl-precompute": lambda: _trl_worker(args, True)}[args.worker]
     result = fn()
@@ -506,7 +514,7 @@ def static_stats(data: Path, model_dir: Path, args) -> dict:
         "flops_ref_head_aware": ref[0]["head"],
     }
     for name, bucketing, packing in (("halos", True, False), ("halos-nobucket", False, False),
-                                     ("halos-packed", True, True)):
+                                     *((name, True, True) for name in PACKED)):
         stats[f"padding_{name}"], removed = halos_layout(examples, args.loss, args.max_length,
                                                           bucketing, packing)
     stats["prompt_sharing_removes"] = removed  # of the tokens halos-packed's training computes
@@ -521,7 +529,10 @@ def static_stats(data: Path, model_dir: Path, args) -> dict:
 def ref_pass_stats(run_dir: Path, needed: int) -> dict:
     import torch
 
-    payload = torch.load(run_dir / "ref.pt", weights_only=True)
+    path = run_dir / "ref.pt"
+    if not path.exists():  # halos-inrun: the file align wrote into its own folder
+        path = run_dir / "align" / "ref_logps.pt"
+    payload = torch.load(path, weights_only=True)
     return {"ref_sequences": len(payload["keys"]), "ref_sequences_needed": needed}
 
 
@@ -551,7 +562,7 @@ def summarize(results: dict[str, list[dict]], stats: dict, peak: float) -> dict:
             "foreign_cpu_frac": [round(r.get("foreign_cpu_frac", 0.0), 2) for r in runs],
             "runs": runs,
         }
-        if name == "halos-packed" and "flops_policy_head_aware_shared" in stats:
+        if name in PACKED and "flops_policy_head_aware_shared" in stats:
             # What the hardware executed: the shared prompts once (the work is smaller).
             done_train = stats["flops_policy_head_aware_shared"]
             done_e2e = done_train + stats["flops_ref_head_aware_shared"]
@@ -581,13 +592,14 @@ def print_table(table: dict, stats: dict, peak: float) -> None:
     print("\nratios (medians)                train   end-to-end  peak RSS   target (e2e)")
     print(f"prompt sharing (halos-packed) removes {stats['prompt_sharing_removes']:.1%} of the "
           f"tokens; its rows' padding {stats['padding_halos-packed']:.1%}")
-    packed = table.get("halos-packed", {})
-    if "mfu_train_executed" in packed:
-        print(f"halos-packed FLOP rate of the work it executes (head-aware, prompts once): "
-              f"{packed['mfu_train_executed']:.1%} of the matmul peak in training, "
-              f"{packed['mfu_e2e_executed']:.1%} end to end")
+    for name in PACKED:
+        packed = table.get(name, {})
+        if "mfu_train_executed" in packed:
+            print(f"{name} FLOP rate of the work it executes (head-aware, prompts once): "
+                  f"{packed['mfu_train_executed']:.1%} of the matmul peak in training, "
+                  f"{packed['mfu_e2e_executed']:.1%} end to end")
     targets = TARGETS[stats.get("model", "tiny")]
-    for ours in ("halos", "halos-nobucket", "halos-packed"):
+    for ours in ("halos", "halos-nobucket", *PACKED):
         for theirs, target in zip(("trl-default", "trl-precompute"), targets, strict=True):
             if ours not in table or theirs not in table:
                 continue

@@ -40,7 +40,9 @@ class TrainConfig:
     out: str = _opt("", "output folder: model/, metrics.jsonl, checkpoints/", required=True)
     loss: str = _opt("dpo", "loss name from the registry (halos losses lists them)")
     loss_params: dict = _opt({}, "loss hyperparameters, e.g. {beta: 0.1}; on the CLI use --<name>")
-    ref_logps: str = _opt("", "reference log-probs file from `halos ref-logps` (reference-based losses)")
+    ref_logps: str = _opt("", "reference log-probs file from `halos ref-logps` (reference-based "
+                               "losses; without it the run scores its data with --model before "
+                               "its first step, into OUT/ref_logps.pt)")
     reference_model: str = _opt("", "checkpoint the --ref-logps file must come from (default: --model)")
     chat_template: str = _opt("", "chat template name or Jinja text overriding the tokenizer's")
     ref_views: str = _opt("paired,unpaired", "ref-logps: which views of the data to score "
@@ -117,6 +119,10 @@ class TrainConfig:
                               f"--max-length ({self.max_length}) to leave room for the response")
         if not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data!r} is not a folder; prepare it with `halos data prepare`")
+        if self.reference_model and not self.ref_logps:
+            raise ConfigError(f"--reference-model {self.reference_model!r} names the checkpoint a "
+                              f"--ref-logps file was computed with; pass that file too (without "
+                              f"--ref-logps the reference is --model, scored by the run itself)")
         resolve_model(self.model)
 
     def to_dict(self) -> dict[str, Any]:

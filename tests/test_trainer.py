@@ -79,6 +79,51 @@ def test_tiny_sft_ref_dpo_raises_held_out_reward_accuracy(sft_model: Path, synth
     assert "rewards/chosen" in final and "rewards/rejected" in final
 
 
+def _subset_of(reference: dict, of: dict) -> torch.Tensor:
+    """Positions in `of` of the keys of `reference` (all must be there)."""
+    pos = torch.searchsorted(of["keys"], reference["keys"]).clamp(max=len(of["keys"]) - 1)
+    assert torch.equal(of["keys"][pos], reference["keys"])
+    return pos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_align_without_ref_logps_scores_its_reference_in_the_run(loss: str, sft_model: Path,
+                                                                 synthetic_data: Path,
+                                                                 sft_reference: Path,
+                                                                 tmp_path: Path) -> None:
+    """No --ref-logps: the run scores its own sequences (KTO: with their KL partners) with the
+    initial model before the first step, into OUT/ref_logps.pt, and trains as with the file of
+    `halos ref-logps`; a rerun reuses the file, one with other sequences rescores it."""
+    common = ("align", "--loss", loss, "--model", sft_model, "--data", synthetic_data, *FAST,
+              "--max-steps", "4", "--learning-rate", "1e-4")
+    run_halos(*common, "--ref-logps", sft_reference, "--out", tmp_path / "file")
+    in_run = tmp_path / "in-run"
+    first = run_halos(*common, "--out", in_run)
+    assert "wrote reference log-probs" in first.stdout
+    scored, shared = (torch.load(p, weights_only=True) for p in (in_run / "ref_logps.pt",
+                                                                 sft_reference))
+    torch.testing.assert_close(scored["sums"], shared["sums"][_subset_of(scored, shared)],
+                               atol=1e-4, rtol=1e-5)
+    want = [r["loss"] for r in metrics(tmp_path / "file", "train")]
+    assert [r["loss"] for r in metrics(in_run, "train")] == pytest.approx(want, abs=1e-4)
+
+    again = run_halos(*common, "--out", in_run, "--overwrite")
+    assert "wrote reference log-probs" not in again.stdout  # the same sequences: reused
+    other = run_halos(*common, "--out", in_run, "--overwrite", "--chat-template",
+                      "human_assistant")
+    assert "rescoring" in other.stdout and "wrote reference log-probs" in other.stdout
+
+
+def test_reference_model_without_ref_logps_is_refused(sft_model: Path, tiny_model: Path,
+                                                      synthetic_data: Path, tmp_path: Path) -> None:
+    result = run_halos("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data,
+                       "--reference-model", tiny_model, "--out", tmp_path / "dpo", *FAST,
+                       check=False)
+    assert result.returncode == 2
+    assert "--reference-model" in result.stderr and "pass that file too" in result.stderr
+
+
 def _align_command(sft_model: Path, data: Path, sft_reference: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "halos", "align", "--loss", "dpo", "--model", str(sft_model),
             "--data", str(data), "--ref-logps", str(sft_reference), "--out", str(out), *FAST,
@@ -145,16 +190,35 @@ LAUNCHERS = {
 }
 
 
+def _zero3_fast() -> list[str]:
+    fast = list(FAST)
+    fast[fast.index("--deepspeed") + 1] = "zero3"
+    # Small logits chunks: the ranks score different numbers of tokens, hence make different
+    # numbers of LM-head calls unless they agree on one (each call gathers the head under ZeRO-3).
+    return fast + ["--logits-chunk-size", "16"]
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_score_the_reference_in_the_run(sft_model: Path, synthetic_data: Path,
+                                                            sft_reference: Path,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "zero3"
+    run_halos("align", "--loss", "dpo", "--model", sft_model, "--data", synthetic_data, "--out",
+              out, *_zero3_fast(), "--max-steps", "3", "--learning-rate", "1e-4",
+              launcher=LAUNCHERS["torchrun"], timeout=300)
+    scored, shared = (torch.load(p, weights_only=True) for p in (out / "ref_logps.pt",
+                                                                 sft_reference))
+    torch.testing.assert_close(scored["sums"], shared["sums"][_subset_of(scored, shared)],
+                               atol=1e-4, rtol=1e-5)
+    assert [r["step"] for r in metrics(out, "train")] == [1, 2, 3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_zero3_on_two_cpu_processes_trains(launcher: str, sft_model: Path, synthetic_data: Path,
                                            sft_reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "zero3"
-    fast = list(FAST)
-    fast[fast.index("--deepspeed") + 1] = "zero3"
-    # Small logits chunks: the ranks score different numbers of tokens, hence make different
-    # numbers of LM-head calls unless they agree on one (each call gathers the head under ZeRO-3).
-    fast += ["--logits-chunk-size", "16"]
+    fast = _zero3_fast()
     sharded_reference = tmp_path / "ref_logps.pt"
     run_halos("ref-logps", "--model", sft_model, "--data", synthetic_data, "--out",
               sharded_reference, *fast, launcher=LAUNCHERS[launcher], timeout=300)

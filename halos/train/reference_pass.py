@@ -39,33 +39,67 @@ def reference_logps(cfg: TrainConfig) -> Path:
     raise_on_any_rank(_no_room(out, sequences) if rank == 0 else None)
     engine = eng.build_engine(CausalLMLogps(model, cfg.logits_chunk_size, token_level=True), ds,
                               None)
-
-    order = scoring_order(sequences, cfg.packing)
-    size = cfg.micro_batch_size * 2
-    chunks = [order[i : i + size] for i in range(0, len(order), size)]
-    rounds = -(-len(chunks) // world)
-    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    lines = ProgressLines("ref-logps", rounds, cfg.progress_every) if rank == 0 else None
-    with torch.no_grad():
-        for r in range(rounds):
-            i = r * world + rank
-            indices = chunks[min(i, len(chunks) - 1)]
-            batch = collate([sequences[j] for j in indices], tokenizer.pad_token_id, "sft", 0,
-                            packing=cfg.packing)
-            args, kwargs = batch.engine_inputs(engine.device)
-            grid, mask = engine(*args, **kwargs)
-            if i < len(chunks):
-                grid, mask = grid.float().cpu(), mask.cpu()
-                # The flat per-token log-probs are row after row, each row's in order.
-                results.append((batch.keys, grid.sum(-1), mask.sum(-1), grid[mask]))
-            if lines is not None:  # the job's log: a line every --progress-every seconds
-                lines.update(r + 1, {})
-    gathered = [results] if world == 1 else _gather(results, world)
+    gathered = score_sequences(engine, sequences, tokenizer.pad_token_id, cfg, rank, world)
     raise_on_any_rank(_write(out, cfg, gathered) if rank == 0 else None)
     barrier()
     if lock is not None:
         lock.release()
     return out
+
+
+IN_RUN_FILE = "ref_logps.pt"  # under an align run's --out, when it is given no --ref-logps
+
+
+def reference_in_run(engine, cfg: TrainConfig, views: list, rank: int, path: Path) -> None:
+    """Without --ref-logps: this run's sequences scored by its own engine before the first step,
+    while the policy still is the reference (the initial --model), into `path` (the format of
+    `halos ref-logps`). Call it before resuming from a checkpoint."""
+    unique = dict.fromkeys((tuple(p), tuple(r)) for view in views if view is not None
+                           for p, r in view.sequences())
+    sequences = [(list(p), list(r)) for p, r in unique]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    engine.eval()
+    gathered = score_sequences(engine, sequences, views[0].pad_id, cfg, rank, world)
+    raise_on_any_rank(_write(path, cfg, gathered) if rank == 0 else None)
+    barrier()
+
+
+def score_sequences(engine, sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                    cfg: TrainConfig, rank: int, world: int) -> list | None:
+    """Every rank's (keys, sums, counts, per-token log-probs or None) per batch, on rank 0
+    (None elsewhere), scored by `engine` without gradient in batches of 2 × micro batch.
+
+    `engine` returns the (N, T-1) grid and mask of per-token log-probs (a token-level module),
+    or per-sequence (sums, counts): then the file holds no per-token log-probs.
+    """
+    order = scoring_order(sequences, cfg.packing)
+    size = cfg.micro_batch_size * 2
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    rounds = -(-len(chunks) // world)  # the same count on every rank (ZeRO-3 gathers weights)
+    results: list[tuple[torch.Tensor, ...]] = []
+    lines = ProgressLines("ref-logps", rounds, cfg.progress_every) if rank == 0 else None
+    with torch.no_grad():
+        for r in range(rounds):
+            i = r * world + rank
+            indices = chunks[min(i, len(chunks) - 1)]
+            batch = collate([sequences[j] for j in indices], pad_id, "sft", 0,
+                            packing=cfg.packing)
+            args, kwargs = batch.engine_inputs(engine.device)
+            scores, counts_or_mask, *_ = engine(*args, **kwargs)
+            if i < len(chunks):
+                results.append((batch.keys, *_per_sequence(scores.float().cpu(),
+                                                           counts_or_mask.cpu())))
+            if lines is not None:  # the job's log: a line every --progress-every seconds
+                lines.update(r + 1, {})
+    return [results] if world == 1 else _gather(results, world)
+
+
+def _per_sequence(scores: torch.Tensor, counts_or_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(sums, counts, flat per-token log-probs row after row or None) of one scored batch."""
+    if scores.dim() == 1:
+        return scores, counts_or_mask, None
+    return scores.sum(-1), counts_or_mask.sum(-1), scores[counts_or_mask]
 
 
 def scoring_order(sequences: list[tuple[list[int], list[int]]], packing: bool) -> list[int]:
@@ -141,10 +175,12 @@ def _gather(results: list, world: int) -> list | None:
     return gathered
 
 
-def _merge(gathered: list) -> tuple[torch.Tensor, ...]:
-    """Concatenate each field of the (keys, sums, counts, token log-probs) of every batch."""
+def _merge(gathered: list) -> tuple[torch.Tensor | None, ...]:
+    """Concatenate each field of the (keys, sums, counts, token log-probs) of every batch; the
+    last is None where the batches hold no per-token log-probs."""
     batches = [batch for results in gathered for batch in results]
-    return tuple(torch.cat(field) for field in zip(*batches, strict=True))
+    return tuple(None if field[0] is None else torch.cat(field)
+                 for field in zip(*batches, strict=True))
 
 
 def _fingerprint(keys: torch.Tensor) -> str:

@@ -19,9 +19,11 @@ from halos.train import lora
 from halos.train.batching import collate, plan_steps
 from halos.train.checkpoints import consolidated_state_dict
 from halos.train.dataview import DataView, load_view
+from halos.train.distributed import barrier
 from halos.train.logps import CausalLMLogps
 from halos.train.loop import Trainer
-from halos.train.reference import ReferenceLogps
+from halos.train.reference import ReferenceLogps, ReferenceMismatch
+from halos.train.reference_pass import IN_RUN_FILE, reference_in_run
 from halos.train.session import check_fits, check_space, finish_run, open_logger, start_run
 
 
@@ -36,7 +38,8 @@ def train(cfg: TrainConfig) -> Path:
     check_space(model, session.out, session.rank)
     train_data = load_view(cfg, loss, tokenizer, "train")
     held_out = load_view(cfg, loss, tokenizer, "test") if cfg.eval_examples else None
-    reference = open_reference(cfg, loss, [train_data, held_out])
+    views = [train_data, held_out]
+    reference = open_reference(cfg, loss, views) if cfg.ref_logps else None
     plan = step_plan(cfg, train_data, session.world)
     for warning in loss.dataset_warnings(train_data.label_counts()):
         print(f"[halos] warning: {warning}", flush=True)
@@ -47,6 +50,8 @@ def train(cfg: TrainConfig) -> Path:
     if lora.enabled(cfg) and session.rank == 0:
         print(f"[halos] {lora.trainable_summary(module)}", flush=True)
     engine = eng.build_engine(module, session.ds, cfg, total_steps=len(plan))
+    if loss.needs_reference and reference is None:  # scored here, before any step or resume
+        reference = reference_of_run(engine, cfg, loss, views, session)
     logger = open_logger(cfg, session, len(plan))
     trainer = Trainer(engine, loss, train_data, held_out, plan, cfg, logger, reference, session)
     final_eval = trainer.fit()
@@ -90,15 +95,30 @@ def trainable_module(model: torch.nn.Module, loss: AlignmentLoss,
     return CausalLMLogps(model, cfg.logits_chunk_size, token_level=loss.token_level)
 
 
-def open_reference(cfg: TrainConfig, loss: AlignmentLoss,
-                   views: list[DataView | None]) -> ReferenceLogps | None:
-    """Load and check the reference file before any training step."""
+def reference_of_run(engine, cfg: TrainConfig, loss: AlignmentLoss, views: list[DataView | None],
+                     session) -> ReferenceLogps:
+    """Without --ref-logps: OUT/ref_logps.pt, scored by this run's engine (reference_in_run); a
+    file an earlier attempt of this run left is reused if it still matches, else rescored."""
+    path = session.out / IN_RUN_FILE
+    if path.is_file():
+        try:
+            return open_reference(cfg, loss, views, str(path))
+        except ReferenceMismatch as err:
+            print(f"[halos] rescoring {path}: {err}", flush=True)
+        barrier()  # every rank has read the old file before rank 0 replaces it
+        if session.rank == 0:
+            path.unlink(missing_ok=True)
+        barrier()
+    reference_in_run(engine, cfg, views, session.rank, path)
+    return open_reference(cfg, loss, views, str(path))
+
+
+def open_reference(cfg: TrainConfig, loss: AlignmentLoss, views: list[DataView | None],
+                   path: str | None = None) -> ReferenceLogps | None:
+    """Load and check the reference file (`path`, default --ref-logps) before any step."""
     if not loss.needs_reference:
         return None
-    if not cfg.ref_logps:
-        raise ConfigError(f"loss {loss.name!r} needs --ref-logps (compute it with "
-                          f"`halos ref-logps --model {cfg.model} --data {cfg.data}`)")
-    reference = ReferenceLogps(cfg.ref_logps)
+    reference = ReferenceLogps(path or cfg.ref_logps)
     reference.check_model(cfg.reference_model or cfg.model)
     if loss.token_level:
         reference.require_tokens()
