@@ -10,11 +10,16 @@ gradients and the libraries' workspaces exist, as in training), then the peak RS
 through /proc/self/clear_refs) of a second step over the RSS before it.
 
     python benchmarks/bench_loss_memory.py [--vocabs 32000,128256] [--out results/loss_memory.json]
+    python benchmarks/bench_loss_memory.py --paths naive,halos_chunked,cce   # with cut-cross-entropy
 
 - `naive`: `logits = head(hidden)` for all N·T positions, then
   `halos.train.logps.naive_sequence_logps` (the textbook log_softmax + gather).
 - `halos_chunked`: `halos.train.logps.sequence_logps_from_hidden`: the head only at scored
   positions, in checkpointed chunks of `--chunk` rows (the trainer's path).
+- `cce` (only with `--paths …,cce`, needs `pip install cut-cross-entropy`): Apple's
+  `linear_cross_entropy(…, reduction="none")` per scored token. Its fused kernel is Triton
+  (CUDA); where Triton has no GPU it offers `impl="torch_compile"`, which this path uses on a CPU
+  (the first, warm-up step compiles).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-PATHS = ("naive", "halos_chunked")
+PATHS = ("naive", "halos_chunked", "cce")
 
 
 def _rss_mb(field: str) -> float:
@@ -58,6 +63,8 @@ def worker(args: argparse.Namespace) -> dict:
     def step() -> torch.Tensor:
         if args.path == "naive":
             logps = naive_sequence_logps(head(hidden), input_ids, loss_mask).sums
+        elif args.path == "cce":
+            logps = _cce_sequence_logps(hidden, input_ids, loss_mask, head.weight)
         else:
             logps = sequence_logps_from_hidden(hidden, input_ids, loss_mask, head,
                                                args.chunk).sums
@@ -74,6 +81,18 @@ def worker(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - started
     return {"peak_step_mb": round(_rss_mb("VmHWM:") - baseline, 1), "seconds": round(seconds, 3),
             "scored_tokens": int(loss_mask[:, 1:].sum()), "loss": float(loss)}
+
+
+def _cce_sequence_logps(hidden, input_ids, loss_mask, weight):
+    """Sequence sums of log p(next token) at scored positions via cut-cross-entropy."""
+    import torch
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if torch.cuda.is_available() else "torch_compile"
+    targets = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)  # its ignore_index
+    token_nll = linear_cross_entropy(hidden[:, :-1], weight, targets, impl=impl,
+                                     reduction="none")  # 0 where ignored
+    return -token_nll.sum(-1)
 
 
 def run_config(args: argparse.Namespace, vocab: int, path: str) -> dict:
@@ -93,6 +112,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=130)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--paths", default="naive,halos_chunked",
+                        help=f"comma-separated subset of {','.join(PATHS)} (naive is the baseline)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,12 +121,16 @@ def main() -> None:
         args.path, args.vocab = args.worker, int(args.vocabs)
         print(json.dumps(worker(args)))
         return
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if "naive" not in paths or not set(paths) <= set(PATHS):
+        parser.error(f"--paths {args.paths!r}: include naive, choose from {', '.join(PATHS)}")
     table = {}
     for vocab in map(int, args.vocabs.split(",")):
-        rows = {path: run_config(args, vocab, path) for path in PATHS}
-        ratio = rows["halos_chunked"]["peak_step_mb"] / rows["naive"]["peak_step_mb"]
-        rows["halos_chunked"]["ratio_vs_naive"] = round(ratio, 3)
+        rows = {path: run_config(args, vocab, path) for path in paths}
         for path, row in rows.items():
+            ratio = row["peak_step_mb"] / rows["naive"]["peak_step_mb"]
+            if path != "naive":
+                row["ratio_vs_naive"] = round(ratio, 3)
             table[f"vocab{vocab}_{path}"] = row
             print(f"vocab {vocab:>6}  {path:<14} peak {row['peak_step_mb']:>8.1f} MB  "
                   f"{row['seconds']:>6.2f} s" + (f"  ratio {ratio:.3f}x" if path != "naive"

@@ -94,9 +94,8 @@ def test_align_without_ref_logps_scores_its_reference_in_the_run(loss: str, sft_
                                                                  tmp_path: Path) -> None:
     """No --ref-logps: the run scores its own sequences (KTO: with their KL partners) with the
     initial model before the first step, into OUT/ref_logps.pt, and trains as with the file of
-    `halos ref-logps`; a rerun reuses the file, one with other sequences rescores it."""
-    common = ("align", "--loss", loss, "--model", sft_model, "--data", synthetic_data, *FAST,
-              "--max-steps", "4", "--learning-rate", "1e-4")
+    `halos ref-logps`."""
+    common = _short_align(loss, sft_model, synthetic_data)
     run_halos(*common, "--ref-logps", sft_reference, "--out", tmp_path / "file")
     in_run = tmp_path / "in-run"
     first = run_halos(*common, "--out", in_run)
@@ -108,10 +107,20 @@ def test_align_without_ref_logps_scores_its_reference_in_the_run(loss: str, sft_
     want = [r["loss"] for r in metrics(tmp_path / "file", "train")]
     assert [r["loss"] for r in metrics(in_run, "train")] == pytest.approx(want, abs=1e-4)
 
-    again = run_halos(*common, "--out", in_run, "--overwrite")
+
+def _short_align(loss: str, model: Path, data: Path) -> tuple:
+    return ("align", "--loss", loss, "--model", model, "--data", data, *FAST, "--max-steps", "4",
+            "--learning-rate", "1e-4")
+
+
+@pytest.mark.slow
+def test_in_run_reference_is_reused_when_it_matches_and_rescored_when_not(
+        sft_model: Path, synthetic_data: Path, tmp_path: Path) -> None:
+    common, out = _short_align("dpo", sft_model, synthetic_data), tmp_path / "dpo"
+    assert "wrote reference log-probs" in run_halos(*common, "--out", out).stdout
+    again = run_halos(*common, "--out", out, "--overwrite")
     assert "wrote reference log-probs" not in again.stdout  # the same sequences: reused
-    other = run_halos(*common, "--out", in_run, "--overwrite", "--chat-template",
-                      "human_assistant")
+    other = run_halos(*common, "--out", out, "--overwrite", "--chat-template", "human_assistant")
     assert "rescoring" in other.stdout and "wrote reference log-probs" in other.stdout
 
 
