@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -50,16 +51,13 @@ def reference_logps(cfg: TrainConfig) -> Path:
 IN_RUN_FILE = "ref_logps.pt"  # under an align run's --out, when it is given no --ref-logps
 
 
-def reference_in_run(engine, cfg: TrainConfig, views: list, rank: int, path: Path) -> None:
+def reference_in_run(engine, cfg: TrainConfig, views: list, rank: int, world: int,
+                     path: Path) -> None:
     """Without --ref-logps: this run's sequences scored by its own engine before the first step,
     while the policy still is the reference (the initial --model), into `path` (the format of
     `halos ref-logps`). Call it before resuming from a checkpoint."""
-    unique = dict.fromkeys((tuple(p), tuple(r)) for view in views if view is not None
-                           for p, r in view.sequences())
-    sequences = [(list(p), list(r)) for p, r in unique]
-    world = dist.get_world_size() if dist.is_initialized() else 1
     engine.eval()
-    gathered = score_sequences(engine, sequences, views[0].pad_id, cfg, rank, world)
+    gathered = score_sequences(engine, unique_sequences(views), views[0].pad_id, cfg, rank, world)
     raise_on_any_rank(_write(path, cfg, gathered) if rank == 0 else None)
     barrier()
 
@@ -146,17 +144,20 @@ def reference_sequences(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], li
 
     probe = get_loss_class("sft")()  # only for prompt suffixes (none) when building views
     cfg = dataclasses.replace(cfg, eval_examples=0)  # every held-out row: runs may use any prefix
-    unique: dict[tuple[tuple[int, ...], tuple[int, ...]], None] = {}
     paired = holds_pairs(Path(cfg.data) / "train.jsonl", cfg)
     views = _choices(cfg.ref_views, {"paired", "unpaired"}, "--ref-views")
     kinds = [k for k in ("paired", "unpaired") if k in views and (paired or k != "paired")]
-    for split in _choices(cfg.ref_splits, {"train", "test"}, "--ref-splits"):
-        if not (Path(cfg.data) / f"{split}.jsonl").is_file():
-            continue
-        for kind in kinds:
-            view = load_view(cfg, probe, tokenizer, split, kind=kind, with_kl=kind == "unpaired")
-            for prompt, response in view.sequences():
-                unique[(tuple(prompt), tuple(response))] = None
+    splits = [split for split in _choices(cfg.ref_splits, {"train", "test"}, "--ref-splits")
+              if (Path(cfg.data) / f"{split}.jsonl").is_file()]
+    return unique_sequences(load_view(cfg, probe, tokenizer, split, kind=kind,
+                                      with_kl=kind == "unpaired")
+                            for split in splits for kind in kinds)  # one view at a time
+
+
+def unique_sequences(views: Iterable) -> list[tuple[list[int], list[int]]]:
+    """Each distinct (prompt, response) the views score, in first-seen order (None: no view)."""
+    unique = dict.fromkeys((tuple(p), tuple(r)) for view in views if view is not None
+                           for p, r in view.sequences())
     return [(list(p), list(r)) for p, r in unique]
 
 

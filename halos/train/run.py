@@ -19,7 +19,6 @@ from halos.train import lora
 from halos.train.batching import collate, plan_steps
 from halos.train.checkpoints import consolidated_state_dict
 from halos.train.dataview import DataView, load_view
-from halos.train.distributed import barrier
 from halos.train.logps import CausalLMLogps
 from halos.train.loop import Trainer
 from halos.train.reference import ReferenceLogps, ReferenceMismatch
@@ -103,13 +102,10 @@ def reference_of_run(engine, cfg: TrainConfig, loss: AlignmentLoss, views: list[
     if path.is_file():
         try:
             return open_reference(cfg, loss, views, str(path))
-        except ReferenceMismatch as err:
+        except ReferenceMismatch as err:  # the same verdict on every rank: the same file
             print(f"[halos] rescoring {path}: {err}", flush=True)
-        barrier()  # every rank has read the old file before rank 0 replaces it
-        if session.rank == 0:
-            path.unlink(missing_ok=True)
-        barrier()
-    reference_in_run(engine, cfg, views, session.rank, path)
+    # Rank 0 replaces the file atomically after scoring, which every rank takes part in.
+    reference_in_run(engine, cfg, views, session.rank, session.world, path)
     return open_reference(cfg, loss, views, str(path))
 
 
