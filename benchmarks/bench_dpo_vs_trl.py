@@ -463,24 +463,19 @@ def halos_layout(examples: list, loss: str, max_length: int, bucketing: bool,
                  packing: bool) -> tuple[float, float]:
     """(padding, fraction of tokens prompt sharing removes) of halos' own batch plan: padding =
     1 - computed tokens / positions of the model's input rows, KTO's KL batches included."""
-    from halos.train.batching import (
-        example_length,
-        kl_completions,
-        kl_partners,
-        make_batch,
-        plan_steps,
-    )
+    from halos.train.batching import kl_completions, kl_partners, plan_steps
+    from halos.train.dataview import DataView
 
     kind = "unpaired" if loss == "kto" else "paired"
     partners = (kl_completions(examples, kl_partners(len(examples), SEED), max_length)
                 if loss == "kto" else None)
-    labels = [e.desirable for e in examples] if loss == "kto" else None
-    plan = plan_steps([example_length(e) for e in examples], micro_batch_size=MICRO_BATCH,
-                      grad_accum=1, world_size=1, epochs=1, seed=SEED, bucketing=bucketing,
-                      labels=labels)
+    view = DataView(examples, kind, 0, partners, packing)
+    plan = plan_steps(view.lengths(), micro_batch_size=MICRO_BATCH, grad_accum=1, world_size=1,
+                      epochs=1, seed=SEED, bucketing=bucketing, labels=view.labels(),
+                      groups=view.prompt_groups())
     real = computed = positions = 0
     for micro in (m for step in plan for m in step):
-        batch = make_batch(examples, micro, kind, 0, partners, packing=packing)
+        batch = view.batch(micro)
         for part in (batch, batch.kl):
             if part is None:
                 continue

@@ -55,3 +55,39 @@ def test_kl_partners_are_a_derangement() -> None:
         partners = kl_partners(n, seed=3)
         assert sorted(partners) == list(range(n))
         assert all(p != i for i, p in enumerate(partners))
+
+
+def test_groups_share_a_microbatch_and_keep_both_labels_in_it() -> None:
+    """A pair's two halves (one group: same prompt, one label each) are cut into one microbatch,
+    with or without bucketing; the plan stays deterministic and uses each example once."""
+    rng = np.random.default_rng(2)
+    lengths = [int(x) for x in rng.integers(5, 500, size=202)]
+    groups = [[2 * k, 2 * k + 1] for k in range(100)] + [[200], [201]]
+    labels = [i % 2 == 0 for i in range(202)]
+    for bucketing in (False, True):
+        plan = _plan(lengths=lengths, labels=labels, groups=groups, bucketing=bucketing)
+        assert plan == _plan(lengths=lengths, labels=labels, groups=groups, bucketing=bucketing)
+        micro = [m for step in plan for m in step]
+        assert len(micro) == 50 and all(len(m) == 4 for m in micro)
+        used = [i for m in micro for i in m]
+        assert len(used) == len(set(used))
+        together = sum(sum(i in m for i in g) in (0, 2) for g in groups[:100] for m in micro)
+        assert together == 100 * len(micro)
+
+
+def test_a_packed_view_groups_the_halves_of_each_pair() -> None:
+    """Halves of one pair (ids as halos.data.convert makes them, same prompt) form a group;
+    other examples of a prompt stay alone, and so does a half whose prompt was cut otherwise."""
+    from halos.data.types import TokenizedCompletion
+    from halos.train.dataview import DataView
+
+    def half(pair: str, which: str, prompt: list[int]) -> TokenizedCompletion:
+        return TokenizedCompletion(f"{pair}/{which}", prompt, [3], which == "chosen")
+
+    examples = [half("a", "chosen", [1]), half("b", "rejected", [2]), half("a", "rejected", [1]),
+                half("b", "chosen", [2, 9]), TokenizedCompletion("c", [1], [4], True),
+                TokenizedCompletion("d", [1], [5], False)]
+    view = DataView(examples, "unpaired", 0, packing=True)
+    assert view.prompt_groups() == [[0, 2], [1], [3], [4], [5]]
+    assert DataView(examples, "unpaired", 0, packing=False).prompt_groups() is None
+    assert DataView(examples[4:], "unpaired", 0, packing=True).prompt_groups() is None

@@ -53,16 +53,25 @@ def completions(n: int, seed: int = 0) -> list[TokenizedCompletion]:
             for i in range(n)]
 
 
+def halves(n: int, seed: int = 0) -> list[TokenizedCompletion]:
+    """Completions in twos on one prompt, desirable then not: pairs unpaired, as for KTO."""
+    examples = completions(n, seed)
+    return [TokenizedCompletion(e.id, examples[i - i % 2].prompt_ids, e.completion_ids,
+                                i % 2 == 0) for i, e in enumerate(examples)]
+
+
 def batches(kind: str, seed: int = 0) -> list[Batch]:
-    """The padded and the packed batch of the same examples, as the trainer builds them."""
+    """The padded and the packed batch of the same examples, as the trainer builds them; the
+    unpaired one holds two pairs' halves, so its prompts and its KL pairs' are shared."""
     if kind == "paired":
         examples = pairs(5, seed)
         return [make_batch(examples, [4, 0, 2], "paired", PAD, packing=p) for p in (False, True)]
-    examples = completions(6, seed)
     if kind == "sft":
-        return [make_batch(examples, [1, 3, 5, 0], "sft", PAD, packing=p) for p in (False, True)]
+        return [make_batch(completions(6, seed), [1, 3, 5, 0], "sft", PAD, packing=p)
+                for p in (False, True)]
+    examples = halves(6, seed)
     partners = [examples[(i + 1) % 6].completion_ids for i in range(6)]
-    return [make_batch(examples, [5, 2, 3], "unpaired", PAD, partners, packing=p)
+    return [make_batch(examples, [5, 2, 3, 4], "unpaired", PAD, partners, packing=p)
             for p in (False, True)]
 
 
@@ -114,6 +123,9 @@ def test_packed_log_probs_and_gradients_equal_padded(attn, kind, token_level):
     padded, packed = batches(kind)
     assert packed.packed is not None and padded.packed is None
     assert torch.equal(packed.input_ids, padded.input_ids)
+    if kind != "sft":  # a prompt computed once for each pair, and for each pair's KL partners
+        for part in (packed, packed.kl) if kind == "unpaired" else (packed,):
+            assert part.packed.tokens <= part.real_tokens - 4
     module = CausalLMLogps(tiny_llama(attn), chunk_size=7, token_level=token_level)
     assert_same(padded, packed, module)
 
@@ -217,3 +229,32 @@ def test_every_command_checks_packing_where_it_checks_the_length():
         check_fits(tiny_llama(), cfg)
     cfg.attn_implementation = "sdpa"
     check_fits(tiny_llama(), cfg)
+
+
+def test_kto_microbatches_compute_each_pairs_prompt_once(synthetic_data: Path, tiny_model: Path,
+                                                         tmp_path: Path) -> None:
+    """KTO on paired data with --packing: the step plan keeps a pair's two halves in one
+    microbatch, so the policy rows and the KL rows each compute that prompt once."""
+    from transformers import AutoTokenizer
+
+    from halos.config import TrainConfig
+    from halos.data.convert import pair_of
+    from halos.losses import build_loss
+    from halos.train.dataview import load_view
+    from halos.train.run import step_plan
+
+    cfg = TrainConfig(model=str(tiny_model), data=str(synthetic_data), out=str(tmp_path),
+                      loss="kto", packing=True, micro_batch_size=8, max_examples=96)
+    view = load_view(cfg, build_loss("kto", {}), AutoTokenizer.from_pretrained(tiny_model),
+                     "train")
+    micro = [m for step in step_plan(cfg, view, world=1) for m in step]
+    together = 0
+    for m in micro:
+        pairs_of = [pair_of(view.examples[i].id) for i in m]
+        both = [i for i, pair in zip(m, pairs_of, strict=True) if pairs_of.count(pair) == 2]
+        together += len(both)
+        batch, shared = view.batch(m), sum(len(view.examples[i].prompt_ids) for i in both) // 2
+        for part in (batch, batch.kl):
+            assert part.packed.tokens == part.real_tokens - shared
+    # --max-examples 96 cuts 4 halves from their pair (halos.data.convert interleaves them).
+    assert together >= len(micro) * 8 - 4

@@ -7,10 +7,18 @@ from collections.abc import Sequence
 
 from halos.data.rows import unpaired_row
 
+HALVES = ("chosen", "rejected")
+
 
 def _half(row: dict, which: str) -> dict:
     label = "desirable" if which == "chosen" else "undesirable"
     return unpaired_row(row["source"], row["prompt"], row[which], label, id=f"{row['id']}/{which}")
+
+
+def pair_of(unpaired_id: str) -> str | None:
+    """The id of the pair `paired_to_unpaired` made this row from, or None for any other row."""
+    pair, _, which = unpaired_id.rpartition("/")
+    return pair if pair and which in HALVES else None
 
 
 def paired_to_unpaired(rows: Sequence[dict], seed: int = 0) -> list[dict]:

@@ -135,7 +135,7 @@ def counted_train_tokens(cfg, tokenizer_path: str, world: int) -> Tokens:
     # The loss class decides the view (batch kind, KL pairs, prompt suffix); its
     # hyperparameters do not, so variants of one class share it.
     view_keys = ("loss", "data", "max_length", "max_prompt_length",
-                 "max_examples", "chat_template", "seed", "on_error")
+                 "max_examples", "chat_template", "seed", "on_error", "packing")
     key = tuple((k, getattr(cfg, k)) for k in view_keys)
     view = _view(key, tokenizer_path)
     grad, kl = _example_tokens(view)

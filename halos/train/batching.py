@@ -159,21 +159,25 @@ def pack_token_logps(batch: Batch, logps: torch.Tensor, mask: torch.Tensor,
 
 
 def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, world_size: int,
-               epochs: int, seed: int, bucketing: bool,
-               labels: list[bool] | None = None) -> list[list[list[int]]]:
+               epochs: int, seed: int, bucketing: bool, labels: list[bool] | None = None,
+               groups: list[list[int]] | None = None) -> list[list[list[int]]]:
     """steps[s][m] = example indices of microbatch m of optimizer step s.
 
     Each step holds grad_accum × world_size microbatches; rank r runs m = r, r + world, ….
     Incomplete microbatches and steps at the end of an epoch are dropped, so every rank does the
     same number of forward passes (ZeRO needs that). With `labels` (unpaired data), bucketing
     sorts each label by length separately and interleaves them, so that a label that is
-    systematically shorter (e.g. refusals) does not end up in single-label microbatches.
+    systematically shorter (e.g. refusals) does not end up in single-label microbatches. With
+    `groups` (each example in exactly one), a group's examples stay next to each other in the
+    order microbatches are cut from, so they share a microbatch unless they straddle its end
+    (packing then computes their shared prompt once); without, every example is its own group.
     """
+    groups = groups if groups is not None else [[i] for i in range(len(lengths))]
     per_step = grad_accum * world_size
     steps: list[list[list[int]]] = []
     for epoch in range(epochs):
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(lengths))
+        order = [groups[g] for g in rng.permutation(len(groups))]
         micro = _microbatches(order, lengths, micro_batch_size, bucketing, labels)
         if bucketing:
             micro = [micro[i] for i in rng.permutation(len(micro))]
@@ -182,23 +186,71 @@ def plan_steps(lengths: list[int], *, micro_batch_size: int, grad_accum: int, wo
     return steps
 
 
-def _microbatches(order: np.ndarray, lengths: list[int], size: int, bucketing: bool,
+def _microbatches(order: list[list[int]], lengths: list[int], size: int, bucketing: bool,
                   labels: list[bool] | None) -> list[list[int]]:
-    usable = len(order) - len(order) % size
-    order = order[:usable]
-    if bucketing:
-        window = size * BUCKET_WINDOW
-        order = np.concatenate([_by_length(order[i : i + window], lengths, labels)
-                                for i in range(0, usable, window)] or [order])
-    return [order[i : i + size].tolist() for i in range(0, usable, size)]
+    """Microbatches of `size` examples cut from the groups in `order` (the incomplete rest
+    dropped), bucketed by length within windows of about BUCKET_WINDOW microbatches."""
+    order = _leading_groups(order, size)
+    if bucketing and order:
+        window = max(1, size * BUCKET_WINDOW * len(order) // sum(map(len, order)))
+        order = [group for i in range(0, len(order), window)
+                 for group in _by_length(order[i : i + window], lengths, labels)]
+    return _cut(order, size)
 
 
-def _by_length(indices: np.ndarray, lengths: list[int], labels: list[bool] | None) -> list[int]:
-    """Sort by length; with labels, sort each label separately and spread both evenly."""
-    if labels is None:
-        return sorted(indices, key=lambda j: lengths[j])
-    groups = [sorted((j for j in indices if labels[j] == flag), key=lambda j: lengths[j])
-              for flag in (True, False)]
-    # Item k of a group of n sits at (k + ½)/n of the merged order, whatever the label ratio.
-    placed = [((k + 0.5) / len(g), j) for g in groups for k, j in enumerate(g)]
-    return [j for _, j in sorted(placed)]
+def _cut(order: list[list[int]], size: int) -> list[list[int]]:
+    """Microbatches of exactly `size` examples: each group goes whole into the first unfilled
+    microbatch with room for it (one longer than `size` first fills microbatches of its own);
+    what stays unfilled at the end is cut in order, and the incomplete rest dropped. Singleton
+    groups give consecutive cuts of the order."""
+    full: list[list[int]] = []
+    unfilled: list[list[int]] = []
+    for group in order:
+        whole = len(group) - len(group) % size
+        full += [group[i : i + size] for i in range(0, whole, size)]
+        group = group[whole:]
+        if not group:
+            continue
+        at = next((k for k, m in enumerate(unfilled) if len(m) + len(group) <= size), None)
+        if at is None:
+            unfilled.append([])
+            at = len(unfilled) - 1
+        unfilled[at] += group
+        if len(unfilled[at]) == size:
+            full.append(unfilled.pop(at))
+    rest = [i for m in unfilled for i in m]
+    return full + [rest[i : i + size] for i in range(0, len(rest) - len(rest) % size, size)]
+
+
+def _leading_groups(order: list[list[int]], size: int) -> list[list[int]]:
+    """The longest prefix of `order` holding at most as many examples as whole microbatches of
+    `size` take from all of them."""
+    usable = sum(map(len, order)) // size * size
+    taken = 0
+    for count, group in enumerate(order):
+        taken += len(group)
+        if taken > usable:
+            return order[:count]
+    return order
+
+
+def _by_length(groups: list[list[int]], lengths: list[int], labels: list[bool] | None
+               ) -> list[list[int]]:
+    """Sort groups by length (their longest example); with labels, sort each label (a group's,
+    or "mixed") separately and spread them evenly."""
+    def label(group: list[int]) -> object:
+        return "mixed" if len({labels[j] for j in group}) > 1 else labels[group[0]]
+
+    def length(position: int) -> int:
+        return max(lengths[j] for j in groups[position])
+
+    kinds = [None] * len(groups) if labels is None else [label(g) for g in groups]
+    by_kind = [sorted((p for p in range(len(groups)) if kinds[p] == kind), key=length)
+               for kind in sorted(set(kinds), key=_label_order)]
+    # Item k of a kind of n sits at (k + ½)/n of the merged order, whatever the label ratio.
+    placed = [((k + 0.5) / len(g), groups[p][0], p) for g in by_kind for k, p in enumerate(g)]
+    return [groups[p] for *_, p in sorted(placed)]
+
+
+def _label_order(kind: object) -> int:
+    return {True: 0, False: 1}.get(kind, 2)

@@ -51,6 +51,23 @@ class DataView:
         desirable = sum(bool(getattr(e, "desirable", True)) for e in self.examples)
         return {"desirable": desirable, "undesirable": len(self.examples) - desirable}
 
+    def prompt_groups(self) -> list[list[int]] | None:
+        """With packing, the unpaired halves of each preference pair (same pair, same prompt),
+        which the step plan keeps in one microbatch so that it computes their prompt once, and
+        their KL partners' prompt too: what a paired loss's microbatch holds anyway. Other
+        examples of one prompt are not grouped (SHP has dozens of pairs per post: grouping them
+        would change what a microbatch mixes). None where nothing is grouped."""
+        from halos.data.convert import pair_of
+
+        if not self.packing or self.kind != "unpaired":
+            return None
+        groups: dict[object, list[int]] = {}
+        for i, example in enumerate(self.examples):
+            pair = pair_of(example.id)
+            key = (pair, tuple(example.prompt_ids)) if pair is not None else i
+            groups.setdefault(key, []).append(i)
+        return list(groups.values()) if len(groups) < len(self.examples) else None
+
     def sequences(self) -> list[tuple[list[int], list[int]]]:
         return scored_sequences(self.examples, self.kind, self.kl_completions)
 

@@ -70,7 +70,7 @@ def step_plan(cfg: TrainConfig, train_data: DataView, world: int) -> list[list[l
     plan = plan_steps(train_data.lengths(), micro_batch_size=cfg.micro_batch_size,
                       grad_accum=cfg.gradient_accumulation_steps, world_size=world,
                       epochs=cfg.epochs, seed=cfg.seed, bucketing=cfg.length_bucketing,
-                      labels=train_data.labels())
+                      labels=train_data.labels(), groups=train_data.prompt_groups())
     if cfg.max_steps:
         plan = plan[: cfg.max_steps]
     if not plan:
