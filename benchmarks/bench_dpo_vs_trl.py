@@ -513,12 +513,31 @@ def static_stats(data: Path, model_dir: Path, args) -> dict:
         stats[f"padding_{name}"], removed = halos_layout(examples, args.loss, args.max_length,
                                                           bucketing, packing)
     stats["prompt_sharing_removes"] = removed  # of the tokens halos-packed's training computes
-    if args.loss != "kto":  # what packing executes: each pair's prompt once, not twice
-        once = [(len(e.prompt_ids), 0) for e in examples]
-        for key, passes in (("policy", 6), ("ref", 2)):
-            stats[f"flops_{key}_head_aware_shared"] = (work_flops(trained, m, passes)["head"]
-                                                       - work_flops(once, m, passes)["head"])
+    stats.update(shared_prompt_flops(examples, args.loss, m, stats))
     return stats
+
+
+def shared_prompt_flops(examples: list, loss: str, m: dict, stats: dict) -> dict:
+    """Head-aware FLOPs packing executes, each shared prompt once: DPO's pair computes its
+    prompt once (not twice) in training and in the reference pass; KTO's two halves of a pair
+    share it in the policy rows and in the KL rows, and the reference pass scores those four
+    sequences on one prompt."""
+    from halos.train.dataview import DataView
+
+    if loss != "kto":
+        groups = [[len(e.prompt_ids)] * 2 for e in examples]
+        repeats = {"policy": (1, 6), "ref": (1, 2)}
+    else:
+        view = DataView(examples, "unpaired", 0, packing=True)
+        groups = [[len(examples[i].prompt_ids) for i in g] for g in view.prompt_groups() or []]
+        repeats = {"policy": (1, 6), "policy_kl": (1, 2), "ref": (2, 2)}
+    saved = {}
+    for key, (per_sequence, passes) in repeats.items():
+        twice = [(g[0], 0) for g in groups for _ in range(per_sequence * len(g) - 1)]
+        saved[key] = work_flops(twice, m, passes)["head"]
+    policy = stats["flops_policy_head_aware"] - saved["policy"] - saved.get("policy_kl", 0)
+    return {"flops_policy_head_aware_shared": policy,
+            "flops_ref_head_aware_shared": stats["flops_ref_head_aware"] - saved["ref"]}
 
 
 def ref_pass_stats(run_dir: Path, needed: int) -> dict:
