@@ -81,7 +81,8 @@ class TrainConfig:
                                     "(flash_attention_2 needs the flash-attn package and a GPU)",
                                     choices=["sdpa", "eager", "flash_attention_2"])
     packing: bool = _opt(False, "pack each microbatch's sequences into fewer rows, a pair's "
-                         "prompt computed once for chosen and rejected (sdpa/eager attention)")
+                         "prompt computed once for chosen and rejected (for unpaired losses the "
+                         "step plan keeps a pair's two halves together; sdpa/eager attention)")
     logits_chunk_size: int = _opt(1024, "rows of the LM head computed at once (memory vs speed)",
                                   minimum=1)
     # --- LoRA (peft): frozen base weights, trained low-rank adapters (halos/train/lora.py)
