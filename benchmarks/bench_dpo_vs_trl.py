@@ -519,25 +519,26 @@ def static_stats(data: Path, model_dir: Path, args) -> dict:
 
 def shared_prompt_flops(examples: list, loss: str, m: dict, stats: dict) -> dict:
     """Head-aware FLOPs packing executes, each shared prompt once: DPO's pair computes its
-    prompt once (not twice) in training and in the reference pass; KTO's two halves of a pair
-    share it in the policy rows and in the KL rows, and the reference pass scores those four
+    prompt once (not twice) in training and in the reference pass; KTO's n halves of a pair
+    share it in the policy rows and in the KL rows, and the reference pass scores those 2n
     sequences on one prompt."""
     from halos.train.dataview import DataView
 
     if loss != "kto":
-        groups = [[len(e.prompt_ids)] * 2 for e in examples]
-        repeats = {"policy": (1, 6), "ref": (1, 2)}
+        groups = [(len(e.prompt_ids), 2) for e in examples]  # (prompt length, sequences on it)
     else:
         view = DataView(examples, "unpaired", 0, packing=True)
-        groups = [[len(examples[i].prompt_ids) for i in g] for g in view.prompt_groups() or []]
-        repeats = {"policy": (1, 6), "policy_kl": (1, 2), "ref": (2, 2)}
-    saved = {}
-    for key, (per_sequence, passes) in repeats.items():
-        twice = [(g[0], 0) for g in groups for _ in range(per_sequence * len(g) - 1)]
-        saved[key] = work_flops(twice, m, passes)["head"]
-    policy = stats["flops_policy_head_aware"] - saved["policy"] - saved.get("policy_kl", 0)
-    return {"flops_policy_head_aware_shared": policy,
-            "flops_ref_head_aware_shared": stats["flops_ref_head_aware"] - saved["ref"]}
+        groups = [(len(examples[g[0]].prompt_ids), len(g)) for g in view.prompt_groups() or []]
+
+    def saved(copies, passes: int) -> float:
+        """FLOPs of the prompt copies that sharing leaves out, `copies(n)` per group."""
+        skipped = [(prompt, 0) for prompt, n in groups for _ in range(copies(n))]
+        return work_flops(skipped, m, passes)["head"]
+
+    policy = saved(lambda n: n - 1, 6) + (saved(lambda n: n - 1, 2) if loss == "kto" else 0)
+    ref = saved(lambda n: 2 * n - 1 if loss == "kto" else n - 1, 2)
+    return {"flops_policy_head_aware_shared": stats["flops_policy_head_aware"] - policy,
+            "flops_ref_head_aware_shared": stats["flops_ref_head_aware"] - ref}
 
 
 def ref_pass_stats(run_dir: Path, needed: int) -> dict:

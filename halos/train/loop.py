@@ -24,9 +24,9 @@ from halos.train.session import Session, resume
 # Options whose change makes a checkpoint belong to another run (logging options may change).
 RESUME_KEYS = ("model", "data", "loss", "loss_params", "ref_logps", "max_length",
                "max_prompt_length", "max_examples", "packing", "epochs", "max_steps",
-               "micro_batch_size", "gradient_accumulation_steps", "learning_rate", "seed", "length_bucketing",
-               "lr_schedule", "warmup_steps", "chat_template", "lora_r", "lora_alpha",
-               "lora_dropout", "lora_target_modules")
+               "micro_batch_size", "gradient_accumulation_steps", "learning_rate", "seed",
+               "length_bucketing", "lr_schedule", "warmup_steps", "chat_template", "lora_r",
+               "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 def run_fingerprint(cfg: TrainConfig, world_size: int) -> str:
