@@ -324,13 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(sorted(commands)))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
-        return commands[argv[0]](argv[1:])
+        code = commands[argv[0]](argv[1:])
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         if os.environ.get("HALOS_TRACEBACK"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"halos {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+    if code == 0 and "torch.distributed" in sys.modules:  # only a command that joined imports it
+        from halos.train.distributed import close_distributed
+
+        close_distributed()
+    return code
 
 
 if __name__ == "__main__":

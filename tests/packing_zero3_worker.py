@@ -13,7 +13,7 @@ from deepspeed.utils import safe_get_full_grad
 from test_packing import assert_all_equal, batches, tiny_llama, weighted_outputs
 
 from halos.train import packing
-from halos.train.distributed import init_distributed
+from halos.train.distributed import close_distributed, init_distributed
 from halos.train.logps import CausalLMLogps
 
 DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -48,6 +48,7 @@ def main(out: Path) -> None:
                          outputs_and_grads(packed, token_level))
         lines.append(f"{case}:ok")
     (out / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -95,3 +95,14 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def close_distributed() -> None:
+    """Leave the process group at the end of a command that succeeded. Without it gloo's worker
+    threads are still alive at interpreter shutdown and can abort the process (SIGABRT,
+    "terminate called without an active exception", pytorch/pytorch#190489) after all its
+    work is written, failing the job. Call it only on success: after an error on one rank the
+    others may sit in a collective that this barrier would never match (pytorch/torchtitan#1342)."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
