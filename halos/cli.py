@@ -10,6 +10,8 @@
     halos align      --loss rm --model results/m/d/sft/model --data data/synthetic --out results/m/d/rm
     halos ppo        --model results/m/d/sft/model --reward-model results/m/d/rm/model \\
                      --data data/synthetic --out results/m/d/ppo-online
+    halos eval preference --model M --data D --out pref.json --then sample --model M ...
+                     (--then: several commands in one process, imports paid once)
 """
 
 from __future__ import annotations
@@ -317,25 +319,50 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return kept
 
 
+THEN = "--then"  # `halos A … --then B …`: commands run one after another in one process
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    """Run one command, or several joined by --then (stopping at the first that fails): a job
+    of several short commands pays the 5-7 s of importing torch and transformers once."""
+    commands = _split_commands(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    if len(commands) > 1 and not all(commands):
+        print(f"halos: error: {THEN} joins two commands; one side of it is empty", file=sys.stderr)
+        return 2
+    for command in commands:
+        code = _run_command(command)
+        if code != 0:
+            return code
+    if "torch.distributed" in sys.modules:  # only a command that joined a process group imports it
+        from halos.train.distributed import close_distributed
+
+        close_distributed()
+    return 0
+
+
+def _split_commands(argv: list[str]) -> list[list[str]]:
+    commands: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == THEN:
+            commands.append([])
+        else:
+            commands[-1].append(arg)
+    return commands
+
+
+def _run_command(argv: list[str]) -> int:
     commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(sorted(commands)))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
-        code = commands[argv[0]](argv[1:])
+        return commands[argv[0]](argv[1:])
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         if os.environ.get("HALOS_TRACEBACK"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"halos {argv[0]}: error: {message}", file=sys.stderr)
         return 2
-    if code == 0 and "torch.distributed" in sys.modules:  # only a command that joined imports it
-        from halos.train.distributed import close_distributed
-
-        close_distributed()
-    return code
 
 
 if __name__ == "__main__":

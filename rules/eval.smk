@@ -2,26 +2,30 @@
 # suite's `eval:` section picks what runs (judge, sampling, lm-eval tasks); hs.eval_files lists it.
 
 
-rule sample:
+# A generating run's model-based evals (preference pairs, samples for the judge, lm-eval) are
+# one job, one process: on a cluster one queue wait and one model load instead of three.
+rule evaluate:
     input:
-        model=PATHS.model(),
-        data=hs.data_dir(),
+        unpack(run_inputs(hs.evaluate_inputs)),
     output:
-        PATHS.eval_file("samples.jsonl"),
+        hs.evaluate_outputs(SUITE),
     log:
-        PATHS.log("sample", "{model}/{dataset}/{loss}"),
+        PATHS.log("evaluate", "{model}/{dataset}/{loss}"),
     benchmark:
-        PATHS.log("sample", "{model}/{dataset}/{loss}", "benchmark.tsv")
+        PATHS.log("evaluate", "{model}/{dataset}/{loss}", "benchmark.tsv")
+    wildcard_constraints:
+        loss=hs.wildcard_pattern(hs.evaluated_losses(SUITE, reward_models=False)),
     params:
         launch=launch,
-        args=run_args(hs.sample_args),
+        args=run_args(hs.evaluate_args),
     threads: model_threads
     resources:
         **resources("infer"),
     shell:
-        "{params.launch} sample {params.args} > {log} 2>&1"
+        "{params.launch} {params.args} > {log} 2>&1"
 
 
+# A reward model is scored on the held-out pairs only.
 rule eval_preference:
     input:
         unpack(run_inputs(hs.preference_inputs)),
@@ -31,6 +35,8 @@ rule eval_preference:
         PATHS.log("eval_preference", "{model}/{dataset}/{loss}"),
     benchmark:
         PATHS.log("eval_preference", "{model}/{dataset}/{loss}", "benchmark.tsv")
+    wildcard_constraints:
+        loss=hs.wildcard_pattern(hs.evaluated_losses(SUITE, reward_models=True)),
     params:
         launch=launch,
         args=run_args(hs.preference_args),
@@ -59,22 +65,3 @@ rule eval_judge:
         **resources("cpu"),
     shell:
         "env OMP_NUM_THREADS=1 halos eval judge {params.args} > {log} 2>&1"
-
-
-rule eval_lm:
-    input:
-        model=PATHS.model(),
-    output:
-        PATHS.eval_file("lm_eval.json"),
-    log:
-        PATHS.log("eval_lm", "{model}/{dataset}/{loss}"),
-    benchmark:
-        PATHS.log("eval_lm", "{model}/{dataset}/{loss}", "benchmark.tsv")
-    params:
-        launch=launch,
-        args=run_args(hs.lm_eval_args),
-    threads: model_threads
-    resources:
-        **resources("infer"),
-    shell:
-        "{params.launch} eval lm-eval {params.args} > {log} 2>&1"

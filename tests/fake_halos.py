@@ -15,6 +15,18 @@ def option(argv, name):
 
 
 def main(argv):
+    """One command per line of the log; `A --then B` (one job, several commands) as A and B."""
+    command = []
+    for arg in [*argv, "--then"]:
+        if arg == "--then":
+            run(command)
+            command = []
+        else:
+            command.append(arg)
+    return 0
+
+
+def run(argv):
     with open(os.environ["FAKE_HALOS_LOG"], "a") as log:
         log.write(" ".join(argv) + "\n")
     hang = os.environ.get("FAKE_HALOS_HANG")
@@ -38,7 +50,6 @@ def main(argv):
     else:  # ref-logps, sample, eval *
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"args": argv}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -108,3 +108,17 @@ def test_unknown_deepspeed_config_lists_the_shipped_ones(tiny_model: Path, synth
                        *fast, check=False)
     assert result.returncode == 2
     assert "--deepspeed 'zero9'" in result.stderr and "zero3_offload" in result.stderr
+
+
+def test_then_runs_commands_in_one_process_and_stops_at_the_first_failure(capsys) -> None:
+    """`halos A --then B`: the evaluate job's three evals in one process (imports paid once)."""
+    assert main(["losses", "--then", "losses"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) >= 2 and listed[: len(listed) // 2] == listed[len(listed) // 2:]
+    assert main(["no-such-command", "--then", "losses"]) == 2
+    assert "reference-free" not in capsys.readouterr().out  # the second command never ran
+    with pytest.raises(SystemExit):  # argparse refuses the first command's options
+        main(["eval", "preference", "--then", "losses"])
+    assert "reference-free" not in capsys.readouterr().out
+    assert main(["losses", "--then"]) == 2
+    assert "--then joins two commands; one side of it is empty" in capsys.readouterr().err

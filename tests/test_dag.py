@@ -67,10 +67,11 @@ def test_archangel_plans_every_job_in_seconds(tmp_path: Path):
     # 7 models x (sft + csft/dpo/kto/ppo/slic on base + on SFT) on the SHP+HH+OASST1 mix.
     assert n["prepare_data"] == 3 and n["mix_data"] == 1
     assert n["sft"] == 7 and n["ref_logps"] == 7 and n["ref_logps_base"] == 7
-    assert n["align"] == 7 * 10 and n["eval_preference"] == 7 * 11 and n["report"] == 1
+    assert n["align"] == 7 * 10 and n["report"] == 1
     assert "tiny_model" not in n  # Hub models
-    # Every policy (sft + 10 aligned) is sampled and run through lm-eval; the 10 are judged.
-    assert n["sample"] == n["eval_lm"] == 7 * 11 and n["eval_judge"] == 7 * 10
+    # Every policy (sft + 10 aligned) is scored on pairs, sampled and run through lm-eval in
+    # one evaluate job; the 10 are judged; no reward model, so no eval_preference job.
+    assert n["evaluate"] == 7 * 11 and n["eval_judge"] == 7 * 10 and "eval_preference" not in n
     print(f"archangel: {len(jobs)} jobs planned in {elapsed:.1f} s")
     assert elapsed < 120  # seconds on an idle machine; generous for shared CI cores
 
@@ -81,8 +82,9 @@ def test_tiny_suite_plans_every_stage(tmp_path: Path):
     # 24 aligned policies (one a LoRA row) + 2 reward models (class rm), by `halos align`.
     assert n["ref_logps"] == 2 and n["align"] == 24 + 2 and "reward_model" not in n
     assert n["ppo"] == 2  # online PPO against each model's reward model
-    assert n["sample"] == 28 and n["eval_judge"] == 26 and n["eval_preference"] == 30
-    assert n["eval_lm"] == 28  # the local lm-eval tasks on every policy checkpoint
+    # Each policy's evals (pairs, samples, the local lm-eval tasks) are one evaluate job; the
+    # 2 reward models are only scored on pairs.
+    assert n["evaluate"] == 28 and n["eval_judge"] == 26 and n["eval_preference"] == 2
 
 
 def test_lint_is_clean_but_for_conda():
@@ -163,7 +165,7 @@ def test_rerun_nothing_then_one_row_edit_reruns_only_its_jobs(tmp_path: Path, fa
     losses.write_text(yaml.safe_dump(table))
     jobs = dry_run(work, *config, env=fake_env)
     assert sorted(rule for rule, _ in jobs) == sorted(
-        ["align", "sample", "eval_preference", "eval_judge", "report", "all"])
+        ["align", "evaluate", "eval_judge", "report", "all"])
     assert all(w.get("loss", "sft+dpo") == "sft+dpo" for _, w in jobs)
 
     snakemake(work, "--cores", "2", *config, env=fake_env)

@@ -330,7 +330,7 @@ def test_small_suite_imports_the_model_once(tmp_path: Path) -> None:
     n = count(dry_run(tmp_path, "--config", f"suite={REPO / 'configs/suites/small.yaml'}"))
     assert n["import_model"] == 1 and "tiny_model" not in n
     assert n["sft"] == 1 and n["align"] == 6 and n["ref_logps"] == n["ref_logps_base"] == 1
-    assert n["sample"] == 7 and n["eval_judge"] == 6 and n["report"] == 1
+    assert n["evaluate"] == 7 and n["eval_judge"] == 6 and n["report"] == 1
 
 
 def test_a_package_source_needs_its_gguf_file(tmp_path: Path) -> None:

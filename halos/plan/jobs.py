@@ -53,18 +53,11 @@ class Planner:
 
     # ------------------------------------------------------------------ the jobs
     def plan(self) -> list[PlanRow]:
-        import halos.suite as hs
 
         rows = [self.train_row(rule, run) for rule, run in training_jobs(self.suite)]
         for model, dataset, base in reference_jobs(self.suite):
             rows.append(self.reference_row(model, dataset, base))
-        for run in self.suite.runs:
-            files = [f.rsplit("/", 1)[-1] for f in hs.eval_files(self.suite, run)]
-            baseline = run.loss == hs.SFT and bool(self.suite.eval.get("judge"))
-            if "judge.json" in files or baseline:
-                rows.append(self.sample_row(run))
-            if "preference.json" in files:
-                rows.append(self.preference_row(run))
+        rows += [row for row in map(self.eval_row, self.suite.runs) if row is not None]
         return rows
 
     # ------------------------------------------------------------------ hardware
@@ -147,17 +140,27 @@ class Planner:
         rule = "ref_logps_base" if base else "ref_logps"
         return self._row(rule, hs.Run(model, dataset, ""), tokens)
 
-    def sample_row(self, run) -> PlanRow:
-        sample = self.suite.eval["sample"]
-        prompt = self.suite.datasets[run.dataset]["max_prompt_length"]
-        tokens = tk.Tokens(scored=sample["n"] * prompt,
-                           generated=sample["n"] * sample["max_new_tokens"])
-        return self._row("sample", run, tokens)
+    def eval_row(self, run) -> PlanRow | None:
+        """A run's one model-based eval job (`evaluate`; `eval_preference` for a reward model):
+        its preference pairs scored and its samples prefilled and generated (lm-eval's requests
+        are not counted). None when it counts no token."""
+        import halos.suite as hs
 
-    def preference_row(self, run) -> PlanRow:
-        n = self.suite.eval["preference_examples"]
-        length = self.suite.datasets[run.dataset]["max_length"]
-        return self._row("eval_preference", run, tk.Tokens(scored=2 * n * length))
+        if self.suite.is_reward_model(run.loss):
+            rule, files = "eval_preference", ["preference.json"] * bool(self.suite.eval["preference"])
+        else:
+            rule, files = "evaluate", hs.evaluate_files(self.suite)
+        scored = generated = 0
+        if "preference.json" in files:
+            scored += 2 * self.suite.eval["preference_examples"] * self.suite.datasets[
+                run.dataset]["max_length"]
+        if "samples.jsonl" in files:
+            sample = self.suite.eval["sample"]
+            scored += sample["n"] * self.suite.datasets[run.dataset]["max_prompt_length"]
+            generated += sample["n"] * sample["max_new_tokens"]
+        if not scored + generated:
+            return None
+        return self._row(rule, run, tk.Tokens(scored=scored, generated=generated))
 
     def setup(self, run, cfg) -> mem.Setup:
         import halos.suite as hs

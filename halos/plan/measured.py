@@ -18,7 +18,7 @@ from pathlib import Path
 from halos.suite.paths import Layout
 
 TRAIN_RULES = ("sft", "align", "ppo")  # a run's own training job (one of them exists)
-EVAL_RULES = ("sample", "eval_preference", "eval_judge", "eval_lm")
+EVAL_RULES = ("evaluate", "eval_preference", "eval_judge")
 PAIR_RULES = ("ref_logps", "ref_logps_base")  # shared by the runs of a (model, dataset)
 
 

@@ -291,6 +291,42 @@ def lm_eval_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
                      "out": suite.layout.eval_file("lm_eval.json", *where)})
 
 
+def evaluated_losses(suite: Suite, reward_models: bool) -> list[str]:
+    """The loss rows whose evals are one `evaluate` job (the generating policies) or, with
+    `reward_models`, one `eval_preference` job each (a reward model only scores pairs)."""
+    return [loss for loss in suite.losses if suite.is_reward_model(loss) == reward_models]
+
+
+def evaluate_outputs(suite: Suite) -> list[str]:
+    """The `evaluate` rule's outputs (paths with the run's wildcards)."""
+    return [suite.layout.eval_file(name) for name in evaluate_files(suite)]
+
+
+def evaluate_files(suite: Suite) -> list[str]:
+    """What the `evaluate` job of a generating run writes under eval/: the model-based evals the
+    suite's `eval:` section asks for (samples.jsonl feeds the judge rule)."""
+    ev = suite.eval
+    wanted = (("preference.json", ev["preference"]), ("samples.jsonl", ev.get("judge")),
+              ("lm_eval.json", ev.get("lm_eval")))
+    return [name for name, asked in wanted if asked]
+
+
+def evaluate_inputs(suite: Suite, model: str, dataset: str, loss: str) -> dict[str, Any]:
+    inputs = preference_inputs(suite, model, dataset, loss)
+    if not suite.eval["preference"]:
+        inputs["ref"] = []
+    return inputs
+
+
+def evaluate_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
+    """One process for all of a run's model-based evals (`halos A --then B`): the model's imports
+    and start-up are paid once instead of once per eval."""
+    commands = {"preference.json": ("eval preference", preference_args),
+                "samples.jsonl": ("sample", sample_args), "lm_eval.json": ("eval lm-eval", lm_eval_args)}
+    return " --then ".join(f"{commands[name][0]} {commands[name][1](suite, model, dataset, loss)}"
+                           for name in evaluate_files(suite))
+
+
 # ------------------------------------------------------------------------------ publish, report
 
 
