@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _run_command(command)
         if code != 0:
             return code
-    if "torch.distributed" in sys.modules:  # only a command that joined a process group imports it
+    if "torch.distributed" in sys.modules:  # no process group without it; light commands skip torch
         from halos.train.distributed import close_distributed
 
         close_distributed()

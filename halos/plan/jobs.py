@@ -53,7 +53,6 @@ class Planner:
 
     # ------------------------------------------------------------------ the jobs
     def plan(self) -> list[PlanRow]:
-
         rows = [self.train_row(rule, run) for rule, run in training_jobs(self.suite)]
         for model, dataset, base in reference_jobs(self.suite):
             rows.append(self.reference_row(model, dataset, base))
@@ -146,10 +145,7 @@ class Planner:
         are not counted). None when it counts no token."""
         import halos.suite as hs
 
-        if self.suite.is_reward_model(run.loss):
-            rule, files = "eval_preference", ["preference.json"] * bool(self.suite.eval["preference"])
-        else:
-            rule, files = "evaluate", hs.evaluate_files(self.suite)
+        rule, files = hs.eval_job(self.suite, run.loss)
         scored = generated = 0
         if "preference.json" in files:
             scored += 2 * self.suite.eval["preference_examples"] * self.suite.datasets[

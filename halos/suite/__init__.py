@@ -19,6 +19,7 @@ from halos.suite.jobs import (  # noqa: F401
     cli_args,
     data_options,
     eval_files,
+    eval_job,
     evaluate_args,
     evaluate_files,
     evaluate_inputs,

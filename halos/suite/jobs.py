@@ -318,13 +318,24 @@ def evaluate_inputs(suite: Suite, model: str, dataset: str, loss: str) -> dict[s
     return inputs
 
 
+EVALUATE_COMMANDS = {"preference.json": ("eval preference", preference_args),
+                     "samples.jsonl": ("sample", sample_args),
+                     "lm_eval.json": ("eval lm-eval", lm_eval_args)}  # evaluate_files' names
+
+
 def evaluate_args(suite: Suite, model: str, dataset: str, loss: str) -> str:
     """One process for all of a run's model-based evals (`halos A --then B`): the model's imports
     and start-up are paid once instead of once per eval."""
-    commands = {"preference.json": ("eval preference", preference_args),
-                "samples.jsonl": ("sample", sample_args), "lm_eval.json": ("eval lm-eval", lm_eval_args)}
-    return " --then ".join(f"{commands[name][0]} {commands[name][1](suite, model, dataset, loss)}"
-                           for name in evaluate_files(suite))
+    steps = (EVALUATE_COMMANDS[name] for name in evaluate_files(suite))
+    return " --then ".join(f"{command} {args(suite, model, dataset, loss)}" for command, args in steps)
+
+
+def eval_job(suite: Suite, loss: str) -> tuple[str, list[str]]:
+    """(rule, files under eval/) of a run's model-based eval job: `evaluate` for a generating
+    policy, `eval_preference` (its pairs only, when the suite asks) for a reward model."""
+    if suite.is_reward_model(loss):
+        return "eval_preference", ["preference.json"] if suite.eval["preference"] else []
+    return "evaluate", evaluate_files(suite)
 
 
 # ------------------------------------------------------------------------------ publish, report
